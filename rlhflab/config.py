@@ -1,0 +1,347 @@
+"""Run configuration: typed, documented, validated. One YAML recipe holds every parameter of a run.
+
+Batch-size glossary (the one place these words are defined):
+  prompts_per_iteration   prompts drawn from the prompt file each iteration            (P)
+  samples_per_prompt      answers sampled per prompt                                   (K)
+  rollout_batch_size      samples collected per iteration = P × K                      (N)
+  minibatch_size          samples per optimizer step; N must be a multiple of it
+  micro_batch_size        samples per forward/backward pass; gradients are accumulated over
+                          minibatch_size / micro_batch_size passes before each optimizer step
+  ppo.epochs              passes over the N samples per iteration, reshuffled every pass
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhflab.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights; the reference is then the base with adapters disabled."""
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: float = 32.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    target_modules: list[str] | str = "all-linear"
+    """Modules that get adapters (peft's `target_modules`)."""
+
+
+class ModelConfig(_Section):
+    name: str = "smollm2-135m-instruct"
+    """Policy: `smollm2-135m-instruct` (embedded), `tiny` (random, for tests), a local HF dir, a .gguf file or a hub id."""
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
+    """`chat` applies the tokenizer's chat template, `plain` feeds raw text; `auto` picks chat when a template exists."""
+    system_prompt: str | None = None
+    """System message for chat prompts (None: the template's own default)."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA settings."""
+    critic: Literal["separate", "shared"] = "separate"
+    """Value model: a separate copy of the policy with a value head, or a value head on the policy trunk."""
+    value_head: Literal["linear", "mlp"] = "linear"
+    """Value head: one zero-initialised linear layer, or Linear→tanh→Linear (last layer zero-initialised)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Parameter dtype: auto = float32 on CPU (no fast bf16 there), bfloat16 on GPU."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`, `cuda:1`, `mps`."""
+
+
+class DataConfig(_Section):
+    prompts: str = ""
+    """Prompt file: JSONL (`prompt` or `messages`; other fields become reward metadata), CSV, or text (one per line)."""
+    shuffle: bool = True
+    """Draw prompts in a fresh random order each pass over the file."""
+
+
+class RolloutConfig(_Section):
+    prompts_per_iteration: int = Field(16, ge=1)
+    """Prompts drawn per iteration (P)."""
+    samples_per_prompt: int = Field(1, ge=1)
+    """Answers sampled per prompt (K)."""
+    max_new_tokens: int = Field(32, ge=1)
+    """Longest answer in tokens; answers stop earlier at EOS."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_k: int = Field(0, ge=0)
+    """Sample from the k most likely tokens (0: off)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass (1.0: off)."""
+    generation_batch_size: int | None = Field(None, ge=1)
+    """Samples generated per `generate` call (None: the whole rollout at once)."""
+
+
+class RewardTerm(_Section):
+    spec: str
+    """A reward spec, e.g. `contains:red`, `vader`, `python:my_rewards.py:score`."""
+    weight: float = 1.0
+    """Weight in the sum."""
+    name: str | None = None
+    """Name in the logs (reward/<name>); derived from the spec when omitted."""
+
+
+class RewardConfig(_Section):
+    spec: str | list[RewardTerm] = "contains:red"
+    """One reward spec, or a list of weighted terms summed into the score."""
+    missing_eos_penalty: float | None = None
+    """Score given to answers that never emit EOS within max_new_tokens (None: keep their score)."""
+    normalization: Literal["none", "scale", "whiten"] = "none"
+    """Per batch: `scale` divides scores by their std (mean kept), `whiten` also subtracts the mean."""
+    clip: float | None = Field(None, gt=0)
+    """Clip scores to ±clip after normalisation (None: off)."""
+
+
+class PPOConfig(_Section):
+    advantage_estimator: Literal["gae", "reinforce", "rloo", "grpo"] = "gae"
+    """`gae` (learned critic), `reinforce` (mean baseline), `rloo` (leave-one-out), `grpo` (group-normalised)."""
+    kl_coef: float = Field(0.05, ge=0)
+    """β: weight of the KL penalty to the reference (initial value when adaptive)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator in the penalty (all three are logged)."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Put the KL penalty per token in the reward (classic RLHF) or as a k3 term in the loss (GRPO style)."""
+    adaptive_kl_target: float | None = Field(None, gt=0)
+    """Target KL in nats per answer for the adaptive controller (None: fixed β)."""
+    adaptive_kl_horizon: float = Field(10000, gt=0)
+    """Horizon of the adaptive controller, in samples."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE λ."""
+    whiten_advantages: bool = True
+    """Shift and scale advantages to mean 0, std 1 per batch."""
+    advantage_clip: float | None = Field(None, gt=0)
+    """Clip advantages to ±advantage_clip after whitening (None: off)."""
+    clip_range: float = Field(0.2, gt=0)
+    """ε of the clipped surrogate."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip constant c > 1 bounding the loss on negative advantages (None: off)."""
+    clip_range_value: float | None = Field(0.2, gt=0)
+    """ε_v of the clipped value loss (None: unclipped)."""
+    value_loss: Literal["mse", "huber"] = "mse"
+    """Value regression loss."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss (matters when the critic shares the policy trunk)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Weight of the entropy bonus."""
+    epochs: int = Field(4, ge=1)
+    """PPO epochs over each rollout batch."""
+    minibatch_size: int = Field(4, ge=1)
+    """Samples per optimizer step."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Samples per forward/backward (None: the whole minibatch)."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient norm (None: off)."""
+    target_approx_kl: float | None = Field(None, gt=0)
+    """Stop an iteration's remaining epochs once the mean approx-KL passes this (None: off)."""
+    ratio_threshold: float = Field(10.0, gt=1)
+    """Skip a minibatch whose mean policy ratio exceeds this (the old TRL guardrail)."""
+    critic_warmup_iterations: int = Field(0, ge=0)
+    """Iterations at the start during which only the critic learns (policy frozen)."""
+
+
+class TrainConfig(_Section):
+    iterations: int = Field(20, ge=1)
+    """PPO iterations (rollout + update)."""
+    learning_rate: float = Field(1e-5, gt=0)
+    """Policy learning rate (AdamW)."""
+    critic_learning_rate: float | None = Field(None, gt=0)
+    """Critic learning rate (None: same as the policy's)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warm-up, over all optimizer steps of the run."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warm-up."""
+    adam_eps: float = Field(1e-5, gt=0)
+    """AdamW epsilon (1e-5 rather than 1e-8 tames the first updates; implementation detail 15)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of all random streams."""
+    checkpoint_every: int = Field(10, ge=0)
+    """Save a resumable checkpoint every N iterations (0: only at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk (older ones are deleted)."""
+    save_final: bool = True
+    """Write RUN_DIR/final/ as a plain Hugging Face model directory (LoRA merged)."""
+
+
+class LogConfig(_Section):
+    sample_every: int = Field(1, ge=0)
+    """Write sample completions to samples.jsonl every N iterations (0: never)."""
+    samples_per_log: int = Field(4, ge=1)
+    """Completions written each time."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Extra trackers besides metrics.jsonl."""
+    project: str = "rlhflab"
+    """Project name for W&B / MLflow."""
+    run_name: str | None = None
+    """Run name for trackers (None: the run directory's name)."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """W&B mode; offline works with no network and can be synced later."""
+
+
+class EvalConfig(_Section):
+    probes: str | None = None
+    """Probe file (YAML: behavior, groups of prompts) evaluated during and after training (None: no probes)."""
+    every: int = Field(0, ge=0)
+    """Run a small probe evaluation every N iterations (0: only at the end)."""
+    samples_per_prompt_during: int = Field(1, ge=1)
+    """Samples per probe prompt during training (the final evaluation uses the probe file's own number)."""
+    report: bool = True
+    """Write report.html / report.md at the end of training."""
+
+
+class Config(_Section):
+    """A whole run. Sections: model, data, rollout, reward, ppo, train, log, eval."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    train: TrainConfig = TrainConfig()
+    log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def rollout_batch_size(self) -> int:
+        return self.rollout.prompts_per_iteration * self.rollout.samples_per_prompt
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.ppo.micro_batch_size or self.ppo.minibatch_size
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.ppo.advantage_estimator == "gae"
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "Config":
+        n, mb, micro = self.rollout_batch_size, self.ppo.minibatch_size, self.micro_batch_size
+        if n % mb:
+            raise ValueError(
+                f"rollout batch size {n} (prompts_per_iteration × samples_per_prompt) is not a multiple of "
+                f"ppo.minibatch_size {mb}; pick a minibatch_size that divides {n}"
+            )
+        if mb % micro:
+            raise ValueError(
+                f"ppo.minibatch_size {mb} is not a multiple of ppo.micro_batch_size {micro}; pick a divisor of {mb}"
+            )
+        if self.ppo.advantage_estimator in ("rloo", "grpo") and self.rollout.samples_per_prompt < 2:
+            raise ValueError(
+                f"ppo.advantage_estimator={self.ppo.advantage_estimator} needs rollout.samples_per_prompt ≥ 2"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading, overrides, errors
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += _all_keys(sub, f"{prefix}{name}.")
+    return keys
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    """One line per problem, naming the key and, for unknown keys, the nearest valid one."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+            hint = f"; did you mean '{near[0]}'?" if near else "; see `rlhflab config` for the valid keys"
+            lines.append(f"{source}: unknown key '{key}'{hint}")
+        elif key:
+            lines.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
+        else:
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines[:2])
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/lists: 0.1 → float, true → bool, null → None, [a, b] → list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `dotted.key=value` overrides to a raw recipe dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set '{item}': expected dotted.key=value, e.g. --set ppo.kl_coef=0.1")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set '{item}': '{part}' is not a section")
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def read_yaml(path: Path, what: str = "recipe") -> dict:
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' not found; pass the path of a YAML file (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a {what} must be a YAML mapping of sections (model:, rollout:, ...)")
+    return raw
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_describe(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe, apply `--set` overrides, validate. Relative paths in it resolve against its folder."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    config = config_from_dict(raw, str(path))
+    return resolve_paths(config, path.parent)
+
+
+def resolve_paths(config: Config, base: Path) -> Config:
+    """Make file paths in the config absolute, relative to the recipe's folder."""
+
+    def fix(p: str | None) -> str | None:
+        if not p or Path(p).is_absolute():
+            return p
+        candidate = base / p
+        return str(candidate.resolve()) if candidate.exists() else p
+
+    config.data.prompts = fix(config.data.prompts) or ""
+    config.eval.probes = fix(config.eval.probes)
+    name = config.model.name
+    if (base / name).exists():
+        config.model.name = str((base / name).resolve())
+    return config
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,135 @@
+"""Stage 1 of an iteration: sample answers with the KV cache and record what PPO needs about them.
+
+`generate` is the one entry point for sampling (training rollouts, evaluation, `rlhflab sample`), so another
+generation backend can replace it without touching the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlhflab.ppo_math import entropy_from_logits, logprobs_from_logits
+
+
+@dataclass
+class Generation:
+    """Sampled answers for a batch of prompts. B = samples, Q = prompt tokens, T = answer tokens."""
+
+    query_ids: torch.Tensor  # (B, Q) prompt tokens, left-padded
+    query_mask: torch.Tensor  # (B, Q) 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B, T) sampled tokens; pad after the first EOS
+    response_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
+    has_eos: torch.Tensor  # (B,) bool, the answer emitted EOS within the budget
+    logprobs: torch.Tensor | None  # (B, T) log π_old(token) at the sampling temperature, from the rollout itself
+    entropy: torch.Tensor | None  # (B, T) entropy of π_old at each answer position
+    texts: list[str]  # decoded answers without special tokens
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], 1)  # (B, Q+T)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask.long()], 1)  # (B, Q+T)
+
+
+@dataclass
+class Rollout:
+    """One iteration's experience: the generation plus everything scored and estimated about it."""
+
+    gen: Generation
+    prompts: list[str]  # (B,) prompt as the reward sees it
+    metadata: list[dict]  # (B,) per-prompt fields from the prompt file
+    scores: torch.Tensor  # (B,) task score after missing-EOS penalty and normalisation
+    raw_scores: torch.Tensor  # (B,) reward as returned, before any of that
+    components: dict[str, list[float]]  # reward component -> (B,) values
+    ref_logprobs: torch.Tensor  # (B, T) log π_ref(token)
+    values: torch.Tensor | None  # (B, T) V(s_t) from the critic before the update
+    kl: dict[str, torch.Tensor]  # k1/k2/k3 -> (B, T) per-token KL estimates
+    rewards: torch.Tensor | None = None  # (B, T) KL-shaped per-token rewards (critic path)
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None  # (B, T) value targets
+
+
+def response_mask_after_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask that is 1 up to and including the first EOS, 0 after it (implementation detail 4).
+
+    response_ids (B, T) -> (mask (B, T) float, has_eos (B,) bool)
+    """
+    is_eos = response_ids == eos_id
+    after_first = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_first).float(), is_eos.any(1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    with_logprobs: bool = True,
+    batch_size: int | None = None,
+) -> Generation:
+    """Sample one answer per text (repeat texts for several samples per prompt).
+
+    Stops as soon as every sequence of a batch has emitted EOS. Log-probs come from the raw logits of the
+    sampling steps divided by the temperature: the same numbers a training forward would give, without a
+    second pass (implementation detail 6); top-k/top-p only restrict which tokens are drawn.
+    """
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=top_k if do_sample and top_k > 0 else None,
+        top_p=top_p if do_sample and top_p < 1.0 else None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=with_logprobs,
+    )
+    parts = []
+    step = batch_size or len(texts)
+    for start in range(0, len(texts), step):
+        enc = tokenizer(texts[start : start + step], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        out = model.generate(**enc, generation_config=config)
+        q = enc["input_ids"].shape[1]
+        response_ids = out.sequences[:, q:]  # (b, T)
+        logprobs = entropy = None
+        if with_logprobs:
+            logits = torch.stack(out.logits, 1)  # (b, T, V)
+            logprobs = logprobs_from_logits(logits, response_ids, temperature)
+            entropy = entropy_from_logits(logits, temperature)
+        parts.append((enc["input_ids"], enc["attention_mask"], response_ids, logprobs, entropy))
+    model.train(was_training)
+
+    def cat(i: int, pad: int, left: bool) -> torch.Tensor:
+        tensors = [p[i] for p in parts]
+        width = max(t.shape[1] for t in tensors)
+        padded = []
+        for t in tensors:
+            fill = t.new_full((t.shape[0], width - t.shape[1]), pad)
+            padded.append(torch.cat([fill, t] if left else [t, fill], 1))
+        return torch.cat(padded)
+
+    query_ids = cat(0, tokenizer.pad_token_id, left=True)
+    query_mask = cat(1, 0, left=True)
+    response_ids = cat(2, tokenizer.pad_token_id, left=False)
+    mask, has_eos = response_mask_after_eos(response_ids, tokenizer.eos_token_id)
+    response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)
+    logprobs = cat(3, 0.0, left=False) * mask if with_logprobs else None
+    entropy = cat(4, 0.0, left=False) * mask if with_logprobs else None
+    texts_out = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return Generation(query_ids, query_mask, response_ids, mask, has_eos, logprobs, entropy, texts_out)
