@@ -19,6 +19,7 @@ import base64
 import html
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,8 @@ from rlhflab.health import HealthNote, check_health, finite_value
 
 FIGSIZE = (6.0, 3.5)  # inches
 DPI = 110
-EMA_WEIGHT = 0.6  # smoothing of the curve lines; raw values are drawn as dots beneath
-MIN_POINTS_TO_SMOOTH = 5
+EMA_WEIGHT = 0.5  # light smoothing of the curve lines; raw values are drawn as dots beneath
+MIN_POINTS_TO_SMOOTH = 5  # fewer points are joined by a plain line
 SAMPLES_PER_TABLE = 6  # first/last iteration samples shown
 # seaborn "deep": distinguishable, colour-blind friendlier than matplotlib's default, used by every plot.
 PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#CCB974", "#64B5CD"]
@@ -59,11 +60,11 @@ PLOT_STYLE = {
     "axes.spines.top": False,
     "axes.spines.right": False,
 }
-# Config leaves (matched on the last part of their dotted name) shown in the header.
+# Config leaves shown in the header, matched on the last part of their dotted name (e.g. ppo.kl_coef).
 HEADER_CONFIG_FIELDS = (
-    "model", "policy", "reference", "lr", "learning_rate", "kl_coef", "init_kl_coef", "target_kl",
-    "kl_estimator", "advantage", "iterations", "total_iterations", "batch_size", "rollout_batch_size",
-    "mini_batch_size", "ppo_epochs", "temperature", "max_new_tokens", "clip_range", "cliprange", "seed",
+    "name", "critic", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "temperature", "spec",
+    "advantage_estimator", "kl_coef", "kl_estimator", "adaptive_kl_target", "clip_range", "epochs", "iterations",
+    "learning_rate", "seed",
 )  # fmt: skip
 
 
@@ -166,6 +167,7 @@ class CurvePlot:
     twin_ylabel: str = ""
     ylim: tuple[float, float] | None = None
     zero_line: bool = False
+    smooth: bool = True  # off for sparse metrics (eval/* every few iterations), where an average would lag
 
 
 @dataclass(frozen=True)
@@ -200,9 +202,11 @@ def _save(fig: Figure, path: Path, title: str) -> FigureRef:
     return FigureRef(path, title)
 
 
-def _draw_series(ax: Axes, xs: list[float], ys: list[float], label: str, color: str, style: str = "-") -> None:
-    """Raw values as faint dots and a smoothed line over them (just a line with markers when few points)."""
-    if len(ys) < MIN_POINTS_TO_SMOOTH:
+def _draw_series(
+    ax: Axes, xs: list, ys: list[float], label: str, color: str, style: str = "-", smooth: bool = True
+) -> None:
+    """Raw values as faint dots and a smoothed line over them (a plain line with markers if not smoothed)."""
+    if not smooth or len(ys) < MIN_POINTS_TO_SMOOTH:
         ax.plot(xs, ys, marker="o", ls=style, color=color, label=label, lw=1.8, ms=4)
         return
     ax.scatter(xs, ys, color=color, alpha=0.35, s=14, linewidths=0)
@@ -210,8 +214,9 @@ def _draw_series(ax: Axes, xs: list[float], ys: list[float], label: str, color: 
 
 
 def _legend_below(ax: Axes, handles: list, labels: list[str]) -> None:
-    """Legend under the x-axis label, so it never hides data."""
-    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(labels), 3), frameon=False)
+    """Legend under the x-axis label, so it never hides data; two columns when three long labels would not fit."""
+    ncol = min(len(labels), 3 if sum(map(len, labels)) <= 60 else 2)
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False)
 
 
 def plot_curves(spec: CurvePlot, rows: list[dict], plot_dir: Path) -> FigureRef | None:
@@ -222,7 +227,7 @@ def plot_curves(spec: CurvePlot, rows: list[dict], plot_dir: Path) -> FigureRef 
         return None
     fig, ax = _new_figure()
     for index, (curve, (xs, ys)) in enumerate(series):
-        _draw_series(ax, xs, ys, curve.label, PALETTE[index % len(PALETTE)])
+        _draw_series(ax, xs, ys, curve.label, PALETTE[index % len(PALETTE)], smooth=spec.smooth)
     handles, labels = ax.get_legend_handles_labels()
     twin_xy = _series(rows, spec.twin.key) if spec.twin else ([], [])
     if twin_xy[1]:
@@ -252,8 +257,10 @@ def _keys_like(rows: list[dict], prefix: str, suffix: str = "") -> list[str]:
 
 
 def _same_series(rows: list[dict], key_a: str, key_b: str) -> bool:
-    a, b = _series(rows, key_a), _series(rows, key_b)
-    return bool(a[1]) and a[0] == b[0] and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a[1], b[1]))
+    """Whether two metrics were logged with the same values at the same iterations (and at least once)."""
+    (xs_a, ys_a), (xs_b, ys_b) = _series(rows, key_a), _series(rows, key_b)
+    same_values = all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(ys_a, ys_b))
+    return bool(ys_a) and xs_a == xs_b and same_values
 
 
 def _kl_plot(rows: list[dict]) -> CurvePlot:
@@ -306,15 +313,18 @@ def curve_plots(rows: list[dict]) -> list[CurvePlot]:
         ),
         CurvePlot(
             "eval_behavior", "Probe behaviour rate during training", "share of answers with behaviour",
-            tuple(behaviors), ylim=share,
+            tuple(behaviors), ylim=share, smooth=False,
         ),
     ]  # fmt: skip
 
 
 def plot_trajectory(rows: list[dict], plot_dir: Path) -> FigureRef | None:
     """Task score against KL, one dot per iteration coloured by iteration: what each nat of KL bought."""
-    points = [(r, finite_value(r, "objective/kl"), finite_value(r, "objective/scores")) for r in rows]
-    points = [(row.get("iteration", i), kl, score) for i, (row, kl, score) in enumerate(points, 1) if None not in (kl, score)]
+    points = [
+        (row.get("iteration", i), finite_value(row, "objective/kl"), finite_value(row, "objective/scores"))
+        for i, row in enumerate(rows, 1)
+    ]
+    points = [point for point in points if None not in point]
     if not points:
         return None
     iterations, kls, scores = zip(*points)
@@ -338,11 +348,12 @@ def plot_behavior_bars(evaluation: dict, plot_dir: Path) -> FigureRef | None:
     names = list(groups)
     fig, ax = _new_figure()
     width = 0.38
-    for offset, side, label, color in ((-1, "reference", "reference (before)", REFERENCE_COLOR), (1, "policy", "policy (after)", POLICY_COLOR)):
+    sides = (("reference", "reference (before)", REFERENCE_COLOR), ("policy", "policy (after)", POLICY_COLOR))
+    for offset, (side, label, color) in zip((-width / 2, width / 2), sides):
         rates = [finite_value(groups[name].get(side, {}), "behavior_rate") or 0.0 for name in names]
-        bars = ax.bar([i + offset * width / 2 for i in range(len(names))], rates, width, label=label, color=color)
+        bars = ax.bar([i + offset for i in range(len(names))], rates, width, label=label, color=color)
         ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
-    behavior = evaluation.get("behavior", "behaviour")
+    behavior = textwrap.shorten(str(evaluation.get("behavior", "behaviour")), 32, placeholder="…")
     ax.set_title(f"Behaviour rate per probe group ({behavior})")
     ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0)
     ax.set_xlabel("probe group")
@@ -448,6 +459,12 @@ def _arrow(group: dict, metric: str) -> str:
     return f"{_fmt(before)} → {_fmt(after)}"
 
 
+def _policy_kl(group: dict) -> str:
+    """'k1 / k3' of the policy's answers (the reference's KL to itself is 0 by construction)."""
+    policy = group.get("policy", {})
+    return f"{_fmt(finite_value(policy, 'kl_k1'))} / {_fmt(finite_value(policy, 'kl_k3'))}"
+
+
 def _eval_blocks(run: Run, bars: FigureRef | None) -> list[Block]:
     """The probe-group table, the behaviour bar chart and the greedy before/after answers per group."""
     evaluation = run.eval or {}
@@ -461,9 +478,8 @@ def _eval_blocks(run: Run, bars: FigureRef | None) -> list[Block]:
         ["group", "behaviour rate", "reward", "KL k1 / k3 (nats)", "NLL under reference (nats/token)",
          "distinct-2", "length (tokens)"],
         [
-            [name, _arrow(g, "behavior_rate"), _arrow(g, "reward_mean"),
-             f"{_fmt(finite_value(g.get('policy', {}), 'kl_k1'))} / {_fmt(finite_value(g.get('policy', {}), 'kl_k3'))}",
-             _arrow(g, "nll_reference"), _arrow(g, "distinct_2"), _arrow(g, "length")]
+            [name, _arrow(g, "behavior_rate"), _arrow(g, "reward_mean"), _policy_kl(g), _arrow(g, "nll_reference"),
+             _arrow(g, "distinct_2"), _arrow(g, "length")]
             for name, g in groups.items()
         ],
     )  # fmt: skip
@@ -531,12 +547,13 @@ code { background: #eaeef2; padding: 1px 5px; border-radius: 4px; }
 .stat { background: #fff; border: 1px solid #d8dee4; border-radius: 8px; padding: 8px 12px; }
 .stat .label { font-size: 12px; color: #57606a; } .stat .value { font-size: 18px; font-weight: 600;
        overflow-wrap: anywhere; }
-.figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 14px; }
+.figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(470px, 1fr)); gap: 14px; }
 figure { margin: 0; background: #fff; border: 1px solid #d8dee4; border-radius: 8px; padding: 6px; }
 figure img { width: 100%; height: auto; display: block; }
 table { border-collapse: collapse; width: 100%; background: #fff; font-size: 14px; margin: 8px 0; }
 th, td { border: 1px solid #d8dee4; padding: 6px 9px; text-align: left; vertical-align: top;
          white-space: pre-wrap; }
+td.num { width: 1%; white-space: nowrap; text-align: right; font-variant-numeric: tabular-nums; }
 th { background: #eef1f4; } tr:nth-child(even) td { background: #fafbfc; }
 .note { background: #fff; border: 1px solid #d8dee4; border-left: 5px solid #C44E52; border-radius: 6px;
         padding: 8px 14px; margin: 8px 0; }
@@ -554,6 +571,16 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{part}</code>" if i % 2 else part for i, part in enumerate(parts))
 
 
+def _html_cell(value: object) -> str:
+    """A table cell; numbers get the "num" class so their columns stay narrow and the text columns get the room."""
+    text = str(value)
+    try:
+        float(text)
+    except ValueError:
+        return f"<td>{html.escape(text)}</td>"
+    return f'<td class="num">{text}</td>'
+
+
 def _html_block(block: Block) -> str:
     esc = html.escape
     if isinstance(block, Heading):
@@ -568,7 +595,7 @@ def _html_block(block: Block) -> str:
         return f'<div class="stats">{tiles}</div>'
     if isinstance(block, Table):
         head = "".join(f"<th>{esc(h)}</th>" for h in block.header)
-        body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in block.rows)
+        body = "".join("<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in block.rows)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
     if isinstance(block, Figures):
         images = "".join(
@@ -581,7 +608,7 @@ def _html_block(block: Block) -> str:
         if not block.notes:
             return '<div class="note ok">No alarms: every health check stayed quiet.</div>'
         return "".join(
-            f'<div class="note"><div class="what">{esc(n.code)} · iteration {n.iteration}: {esc(n.message)}</div>'
+            f'<div class="note"><div class="what">{esc(n.code)}: {esc(n.message)}</div>'
             f'<div class="why"><b>Likely cause:</b> {esc(n.cause)}</div><div><b>Fix:</b> {esc(n.fix)}</div></div>'
             for n in block.notes
         )
@@ -614,7 +641,7 @@ def _md_block(block: Block, base: Path) -> str:
     if isinstance(block, Text):
         return block.text
     if isinstance(block, Stats):
-        return _md_table(["", ""], [list(item) for item in block.items])
+        return _md_table(["", "value"], [list(item) for item in block.items])
     if isinstance(block, Table):
         return _md_table(block.header, block.rows)
     if isinstance(block, Figures):
@@ -623,7 +650,7 @@ def _md_block(block: Block, base: Path) -> str:
         if not block.notes:
             return "No alarms: every health check stayed quiet."
         return "\n".join(
-            f"- **{n.code}** · iteration {n.iteration}: {n.message}\n  - likely cause: {n.cause}\n  - fix: {n.fix}"
+            f"- **{n.code}**: {n.message}\n  - likely cause: {n.cause}\n  - fix: {n.fix}"
             for n in block.notes
         )
     return f"<details><summary>{block.summary}</summary>\n\n```yaml\n{block.text.rstrip()}\n```\n\n</details>"

@@ -6,7 +6,7 @@ generation backend can replace it without touching the loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ class Rollout:
     rewards: torch.Tensor | None = None  # (B, T) KL-shaped per-token rewards (critic path)
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T) value targets
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: generate, score, forwards
 
 
 def response_mask_after_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

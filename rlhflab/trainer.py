@@ -178,22 +178,26 @@ class PPOTrainer:
         """Stages 1-4: rollout, score, KL-shaped rewards, advantages."""
         c = self.config
         idx = [i for i in self.sampler.draw(c.rollout.prompts_per_iteration) for _ in range(c.rollout.samples_per_prompt)]
+        t0 = time.perf_counter()
         # 1. rollout
         gen = generate(self.policy, self.tokenizer, [self.prompt_texts[i] for i in idx], c.rollout.max_new_tokens,
                        c.rollout.temperature, c.rollout.top_k, c.rollout.top_p,
                        batch_size=c.rollout.generation_batch_size)
+        t1 = time.perf_counter()
         # 2. score
         prompts = [self.prompts[i].display for i in idx]
         metadata = [dict(self.prompts[i].metadata) for i in idx]
         total, components = self.reward.score(prompts, gen.texts, metadata)
         raw = torch.tensor(total, dtype=torch.float32, device=self.device)
         scores = self._normalize_scores(raw, gen.has_eos.to(self.device))
+        t2 = time.perf_counter()
         # 3. reference log-probs, values, per-token KL
         ref_logprobs, values = self._score_forwards(gen)
         mask = gen.response_mask
         kl = M.kl_estimators(gen.logprobs, ref_logprobs)
         kl = {k: v * mask for k, v in kl.items()}
         ro = Rollout(gen, prompts, metadata, scores, raw, components, ref_logprobs, values, kl)
+        ro.timings = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forwards": time.perf_counter() - t2}
         # 4. advantages
         self._advantages(ro)
         return ro
@@ -346,7 +350,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         ro = self.collect()  # stages 1-4
         t1 = time.perf_counter()
-        metrics = self.rollout_metrics(ro)
+        metrics = {**self.rollout_metrics(ro), **ro.timings}
         metrics.update(self.update(ro))  # stage 5
         t2 = time.perf_counter()
         # 6. record

@@ -1,0 +1,145 @@
+"""`rlhflab prefs ...`: import, export, stats, label and judge preference pairs in a SQLite store."""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from rlhflab.errors import UserError
+from rlhflab.prefs.io import export_jsonl, import_jsonl
+from rlhflab.prefs.judge import judge_pending
+from rlhflab.prefs.label import run_session
+from rlhflab.prefs.store import PreferenceStore, Stats
+
+prefs_app = typer.Typer(
+    help="Collect A/B preferences durably: import, label in the terminal, judge with a reward, export for TRL.",
+    no_args_is_help=True,
+)
+
+DbOption = Annotated[Path, typer.Option("--db", help="Preference DB (SQLite file).")]
+STATES = ("pending", "a", "b", "tie", "skip", "contested")
+
+
+def exits_on_user_error(command):
+    """Turn a `UserError` into one red `error: ...` line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as e:
+            Console(stderr=True).print(Text(f"error: {e}", style="red"), soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _default_labeler() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name in containers without a passwd entry
+        return "human"
+
+
+@prefs_app.command("import")
+@exits_on_user_error
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="JSONL of prompt/chosen/rejected or prompt/completion_a/completion_b.")],
+    db: DbOption,
+    labeler: Annotated[str, typer.Option(help="Labeler recorded for imported chosen/rejected preferences.")] = "import",
+    seed: Annotated[int, typer.Option(help="Seed of the coin that places chosen as answer A or B.")] = 0,
+) -> None:
+    """Import pairs from JSONL; importing the same file twice stores everything once."""
+    with PreferenceStore(db) as store:
+        counts = import_jsonl(store, file, labeler=labeler, seed=seed)
+    typer.echo(
+        f"imported {counts.new_pairs + counts.existing_pairs} pairs from {file}: {counts.new_pairs} new, "
+        f"{counts.existing_pairs} already stored, {counts.new_labels} new labels"
+    )
+
+
+@prefs_app.command("export")
+@exits_on_user_error
+def export_cmd(
+    db: DbOption,
+    out: Annotated[Path, typer.Option("--out", help="JSONL to write in TRL's prompt/chosen/rejected format.")],
+) -> None:
+    """Export preferred pairs for TRL; ties, skips, contested and pending pairs are left out and counted."""
+    with PreferenceStore(db, create=False) as store:
+        counts = export_jsonl(store, out)
+    left_out = ", ".join(f"{n} {state}" for state, n in counts.left_out.items())
+    typer.echo(f"wrote {counts.exported} preference rows to {out}; left out: {left_out}")
+
+
+@prefs_app.command("stats")
+@exits_on_user_error
+def stats_cmd(db: DbOption) -> None:
+    """Pairs by state, labels by labeler, and agreement between labelers on shared pairs."""
+    with PreferenceStore(db, create=False) as store:
+        stats = store.stats()
+    _print_stats(Console(), stats)
+
+
+@prefs_app.command("label")
+@exits_on_user_error
+def label_cmd(
+    db: DbOption,
+    labeler: Annotated[str | None, typer.Option(help="Your name in the store [default: login name].")] = None,
+) -> None:
+    """Label pending pairs: a, b, t (tie), s (skip), u (undo last), q (quit); one key per line, pipes work."""
+    with PreferenceStore(db, create=False) as store:
+        run_session(store, labeler or _default_labeler(), sys.stdin, Console())
+
+
+@prefs_app.command("judge")
+@exits_on_user_error
+def judge_cmd(
+    db: DbOption,
+    reward: Annotated[str, typer.Option(help="Reward spec that judges, e.g. vader.")],
+    margin: Annotated[float, typer.Option(help="Scores this close or closer are a tie.")] = 0.0,
+    labeler: Annotated[str | None, typer.Option(help="Labeler recorded [default: judge:SPEC].")] = None,
+    batch_size: Annotated[int, typer.Option(help="Pairs scored per reward call.")] = 32,
+) -> None:
+    """Label this judge's pending pairs with a reward function (AI feedback)."""
+    from rlhflab.rewards import build_reward  # lazy: reward specs may load models
+
+    with PreferenceStore(db, create=False) as store:
+        counts = judge_pending(store, build_reward(reward), labeler or f"judge:{reward}", margin, batch_size)
+    typer.echo(f"judged {sum(counts.values())} pairs: {counts['a']} a, {counts['b']} b, {counts['tie']} tie")
+
+
+def _print_stats(console: Console, stats: Stats) -> None:
+    console.print(f"pairs: {stats.pairs}")
+    states = Table("state", "pairs", title="pairs by state")
+    for state in STATES:
+        states.add_row(state, str(stats.by_state.get(state, 0)))
+    console.print(states)
+    if stats.by_labeler:
+        labelers = Table("labeler", "a", "b", "tie", "skip", "total", title="labels by labeler")
+        for name, counts in stats.by_labeler.items():
+            cells = [str(counts.get(c, 0)) for c in ("a", "b", "tie", "skip")]
+            labelers.add_row(Text(name), *cells, str(sum(counts.values())))
+        console.print(labelers)
+    if stats.agreement is None:
+        console.print("agreement: no pair labeled (not skipped) by two or more labelers")
+        return
+    console.print(
+        f"agreement: {stats.identical} of {stats.shared_pairs} shared pairs identical ({stats.agreement:.0%})"
+    )
+    pairwise = Table("labelers", "shared", "agree", "Cohen's kappa", title="agreement by two labelers")
+    for row in stats.pairwise:
+        kappa = "n/a" if row.kappa is None else f"{row.kappa:.2f}"
+        pairwise.add_row(Text(" / ".join(row.labelers)), str(row.shared), f"{row.agree:.0%}", kappa)
+    console.print(pairwise)
+
+
+if __name__ == "__main__":
+    prefs_app()
