@@ -25,6 +25,7 @@ class Generation:
     has_eos: torch.Tensor  # (B,) bool, the answer emitted EOS within the budget
     logprobs: torch.Tensor | None  # (B, T) log π_old(token) at the sampling temperature, from the rollout itself
     entropy: torch.Tensor | None  # (B, T) entropy of π_old at each answer position
+    values: torch.Tensor | None  # (B, T) V(s_t) from a value head on the policy trunk, if one was given
     texts: list[str]  # decoded answers without special tokens
 
     @property
@@ -77,12 +78,14 @@ def generate(
     do_sample: bool = True,
     with_logprobs: bool = True,
     batch_size: int | None = None,
+    value_head: nn.Module | None = None,
 ) -> Generation:
     """Sample one answer per text (repeat texts for several samples per prompt).
 
     Stops as soon as every sequence of a batch has emitted EOS. Log-probs come from the raw logits of the
     sampling steps divided by the temperature: the same numbers a training forward would give, without a
-    second pass (implementation detail 6); top-k/top-p only restrict which tokens are drawn.
+    second pass (implementation detail 6); top-k/top-p only restrict which tokens are drawn. A value head on
+    the policy trunk (shared critic) reads the last hidden states of the same steps, saving a forward pass.
     """
     from transformers import GenerationConfig
 
@@ -99,6 +102,7 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         return_dict_in_generate=True,
         output_logits=with_logprobs,
+        output_hidden_states=value_head is not None,
     )
     parts = []
     step = batch_size or len(texts)
@@ -108,12 +112,16 @@ def generate(
         out = model.generate(**enc, generation_config=config)
         q = enc["input_ids"].shape[1]
         response_ids = out.sequences[:, q:]  # (b, T)
-        logprobs = entropy = None
+        logprobs = entropy = values = None
         if with_logprobs:
             logits = torch.stack(out.logits, 1)  # (b, T, V)
             logprobs = logprobs_from_logits(logits, response_ids, temperature)
             entropy = entropy_from_logits(logits, temperature)
-        parts.append((enc["input_ids"], enc["attention_mask"], response_ids, logprobs, entropy))
+        if value_head is not None:
+            # step t's last-layer state at the newest position is the state that predicts answer token t
+            hidden = torch.cat([step[-1][:, -1:] for step in out.hidden_states], 1)  # (b, T, H)
+            values = value_head(hidden)
+        parts.append((enc["input_ids"], enc["attention_mask"], response_ids, logprobs, entropy, values))
     model.train(was_training)
 
     def cat(i: int, pad: int, left: bool) -> torch.Tensor:
@@ -132,5 +140,6 @@ def generate(
     response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)
     logprobs = cat(3, 0.0, left=False) * mask if with_logprobs else None
     entropy = cat(4, 0.0, left=False) * mask if with_logprobs else None
+    values = cat(5, 0.0, left=False) * mask if value_head is not None else None
     texts_out = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    return Generation(query_ids, query_mask, response_ids, mask, has_eos, logprobs, entropy, texts_out)
+    return Generation(query_ids, query_mask, response_ids, mask, has_eos, logprobs, entropy, values, texts_out)
