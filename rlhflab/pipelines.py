@@ -1,12 +1,15 @@
-"""Whole jobs built from the stages: `train` (the PPO run with its outputs around it)."""
+"""Whole jobs built from the stages: `train` (the PPO run with its outputs around it: probe evaluations during
+and after training, the report at the end)."""
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from rlhflab.config import Config, config_from_dict, read_yaml, save_config
 from rlhflab.errors import UserError
+from rlhflab.evaluate import eval_metrics, evaluate, format_table, load_probes, write_eval
 
 
 def _progress():
@@ -32,6 +35,7 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
         raise UserError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
     console = Console(stderr=True, quiet=quiet)
     started = time.perf_counter()
+    probes = _load_probes(config)  # a bad probe file fails before minutes of model loading
     trainer = PPOTrainer(config, run_dir, reward=reward)
     if resume:
         trainer.resume()
@@ -42,11 +46,12 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     monitor = HealthMonitor()
     console.print(f"model loaded in {time.perf_counter() - started:.0f} s; training {c.train.iterations} iterations "
                   f"of {c.rollout_batch_size} samples → {run_dir}")
+    probe_hook = _probe_hook(probes, c) if probes is not None and c.eval.every > 0 else None
     try:
         with _progress() if not quiet else _NoProgress() as progress:
             task = progress.add_task("train", total=c.train.iterations, completed=trainer.iteration, status="")
             while trainer.iteration < c.train.iterations:
-                m = trainer.iteration_step(tracker)
+                m = trainer.iteration_step(tracker, extra_metrics=probe_hook)
                 for note in monitor.update({"iteration": trainer.iteration, **m}):
                     console.print(f"[yellow]warning[/]: {note.message} — likely cause: {note.cause}; fix: {note.fix}")
                 progress.update(task, advance=1, status=(
@@ -55,10 +60,60 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
             trainer.save()
     finally:
         tracker.close()
+    table = None
+    if probes is not None:
+        # before save_final: merging LoRA removes the adapter-disabled reference this evaluation compares with
+        console.print(f"probe evaluation ({sum(map(len, probes.groups.values()))} prompts × "
+                      f"{probes.samples_per_prompt} samples, policy and reference) → {run_dir / 'eval'}")
+        result, answers = _evaluate_trainer(trainer, probes)
+        write_eval(run_dir / "eval", result, answers)
+        table = format_table(result)
     if c.train.save_final:
         trainer.save_final()
+    if c.eval.report:
+        from rlhflab.report import write_report
+
+        html_path, _ = write_report(run_dir)
+        console.print(f"report → {html_path}")
+    if table is not None:
+        console.print(table, markup=False, highlight=False, soft_wrap=True)
     console.print(f"done in {time.perf_counter() - started:.0f} s → {run_dir}")
     return trainer
+
+
+def _load_probes(config: Config):
+    """The recipe's probe file, checked (behaviour spec included), or None when it names none."""
+    if not config.eval.probes:
+        return None
+    probes = load_probes(config.eval.probes)
+    probes.behavior_reward()
+    return probes
+
+
+def _evaluate_trainer(trainer, probes, **kwargs) -> tuple[dict, list[dict]]:
+    """Evaluate the trainer's policy against its reference: the frozen copy, or the base with LoRA disabled."""
+    c = trainer.config
+    if trainer.ref_model is not None:
+        reference, context = trainer.ref_model, nullcontext
+    else:
+        reference, context = trainer.policy, trainer.policy.disable_adapter
+    return evaluate(trainer.policy, reference, trainer.tokenizer, probes, prompt_format=trainer.prompt_format,
+                    system_prompt=c.model.system_prompt, reference_context=context, seed=c.train.seed, **kwargs)
+
+
+def _probe_hook(probes, config: Config):
+    """`extra_metrics` for iteration_step: every eval.every iterations, a small probe evaluation of the policy
+    (eval.samples_per_prompt_during samples per prompt, no greedy answers) logged as eval/<group>/<metric>."""
+
+    def hook(trainer) -> dict[str, float]:
+        if trainer.iteration % config.eval.every:
+            return {}
+        t0 = time.perf_counter()
+        result, _ = _evaluate_trainer(trainer, probes, samples_per_prompt=config.eval.samples_per_prompt_during,
+                                      greedy=False, sides=("policy",))
+        return {**eval_metrics(result), "time/eval": time.perf_counter() - t0}
+
+    return hook
 
 
 class _NoProgress:

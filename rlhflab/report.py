@@ -213,10 +213,13 @@ def _draw_series(
     ax.plot(xs, _ema(ys), ls=style, color=color, label=label, lw=1.8)
 
 
-def _legend_below(ax: Axes, handles: list, labels: list[str]) -> None:
+def _legend_below(
+    ax: Axes, handles: list, labels: list[str], title: str | None = None, ncol: int | None = None
+) -> None:
     """Legend under the x-axis label, so it never hides data; two columns when three long labels would not fit."""
-    ncol = min(len(labels), 3 if sum(map(len, labels)) <= 60 else 2)
-    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False)
+    ncol = ncol or min(len(labels), 3 if sum(map(len, labels)) <= 60 else 2)
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False,
+              title=title)
 
 
 def plot_curves(spec: CurvePlot, rows: list[dict], plot_dir: Path) -> FigureRef | None:

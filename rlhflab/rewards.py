@@ -2,7 +2,8 @@
 
 A reward is any callable that takes three equal-length lists (prompt strings, completion strings, one
 metadata dict per sample) and returns one finite float per completion. :func:`build_reward` turns spec
-strings (``contains:red``, ``length:20:80``, ``python:my_rewards.py:score``, ``hf-classifier:./sst2``),
+strings (``contains:red``, ``length:20:80``, ``python:my_rewards.py:score``, ``hf-classifier:./sst2``,
+``model:RM_DIR`` for a reward model trained by ``rlhflab rm train``),
 plain callables, or weighted lists of them into a :class:`Reward`: the weighted sum of its components,
 which also reports each component's unweighted values for the ``reward/<name>`` metrics.
 """
@@ -311,6 +312,19 @@ def _build_hf(arg: str | None, base_dir: Path) -> tuple[str, RewardFn]:
     return "hf_classifier", HFClassifierReward(source, label if sep else None, base_dir)
 
 
+def _build_model(arg: str | None, base_dir: Path) -> tuple[str, RewardFn]:
+    """model:RM_DIR — a reward model written by `rlhflab rm train` (normalised scores, see reward_model.py)."""
+    if not arg:
+        raise _SpecError("write model:RM_DIR, a directory written by `rlhflab rm train`")
+    path = base_dir / Path(arg).expanduser()
+    if not (path / "rlhflab_rm.json").is_file():
+        raise _SpecError(f"{path} is not a reward model directory (no rlhflab_rm.json); train one with "
+                         "`rlhflab rm train --db DB --out RM_DIR`")
+    from rlhflab.reward_model import load_reward_model  # lazy: loads torch and transformers
+
+    return "reward_model", load_reward_model(path)
+
+
 _BUILDERS: dict[str, Callable[[str | None, Path], tuple[str, RewardFn]]] = {
     "contains": _build_contains,
     "regex": _build_regex,
@@ -321,6 +335,7 @@ _BUILDERS: dict[str, Callable[[str | None, Path], tuple[str, RewardFn]]] = {
     "vader": _build_vader,
     "python": _build_python,
     "hf-classifier": _build_hf,
+    "model": _build_model,
 }
 
 

@@ -116,6 +116,31 @@ def judge_cmd(
     typer.echo(f"judged {sum(counts.values())} pairs: {counts['a']} a, {counts['b']} b, {counts['tie']} tie")
 
 
+@prefs_app.command("generate")
+@exits_on_user_error
+def generate_cmd(
+    model: Annotated[str, typer.Option("--model", help="Model spec or run directory that samples the answers.")],
+    prompts: Annotated[Path, typer.Option("--prompts", help="Prompt file (.jsonl, .csv or .txt), cycled through.")],
+    db: DbOption,
+    pairs: Annotated[int, typer.Option("--pairs", help="New pairs to store.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 48,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Answers sampled per generate call (two per prompt).")] = 16,
+    prompt_format: Annotated[str, typer.Option(help="auto, chat or plain.")] = "auto",
+) -> None:
+    """Sample two answers per prompt from a model and store them as pending pairs (then `label` or `judge`)."""
+    from rlhflab.prefs.generate import generate_pairs  # lazy: loads torch and transformers
+
+    counts = generate_pairs(model, prompts, db, pairs, max_new_tokens=max_new_tokens, temperature=temperature,
+                            seed=seed, batch_size=batch_size, prompt_format=prompt_format)
+    typer.echo(f"stored {counts.stored} new pairs in {db} from {counts.draws} prompts drawn "
+               f"({counts.identical} with two identical answers, {counts.existing} already stored)")
+    if counts.stored < pairs:
+        typer.echo(f"warning: only {counts.stored} of {pairs} pairs: the model keeps repeating itself; "
+                   "raise --temperature or --max-new-tokens", err=True)
+
+
 def _print_stats(console: Console, stats: Stats) -> None:
     console.print(f"pairs: {stats.pairs}")
     states = Table("state", "pairs", title="pairs by state")

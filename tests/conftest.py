@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+# Nothing is downloaded: tiny models are built locally, the embedded one comes from its package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("What color is the sky?\nName a color.\nSay something.\nDescribe the sea.\n")
+    return path
+
+
+@pytest.fixture
+def tiny_config(prompt_file):
+    """A config for the tiny random model: a PPO iteration takes a fraction of a second."""
+    from rlhflab.config import Config
+
+    return Config.model_validate({
+        "model": {"name": "tiny", "prompt_format": "chat"},
+        "data": {"prompts": str(prompt_file)},
+        "rollout": {"prompts_per_iteration": 4, "samples_per_prompt": 2, "max_new_tokens": 8},
+        "reward": {"spec": "regex:[aeiou]"},
+        "ppo": {"epochs": 2, "minibatch_size": 4, "micro_batch_size": 2},
+        "train": {"iterations": 2, "learning_rate": 1e-3, "checkpoint_every": 0, "save_final": False},
+        "eval": {"report": False},
+    })

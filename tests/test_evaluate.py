@@ -1,0 +1,163 @@
+"""Probe evaluation on the tiny model: the result's schema, KL of a model against itself, k3 ≥ 0, LoRA as the
+reference through `reference_context`, repeatability, and one-line errors for bad probe files."""
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhflab.errors import UserError
+from rlhflab.evaluate import METRICS, Probes, eval_metrics, evaluate, format_table, load_probes
+from rlhflab.models import add_lora, load_causal_lm, load_tokenizer
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+PROBES = Probes(
+    behavior="regex:[aeiou]",
+    samples_per_prompt=3,
+    max_new_tokens=6,
+    groups={"trained": ["What color is the sky?", "Describe the sky."], "unrelated": ["What is 2 + 2?"]},
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops take microseconds: a second thread only adds synchronisation (and, on a shared box,
+    waits for a busy core), which makes these tests many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_causal_lm("tiny", torch.device("cpu"), torch.float32).eval()
+
+
+def perturbed(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """A copy of the model with every weight nudged: a stand-in for a trained policy."""
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return other
+
+
+def run(policy, reference, tokenizer, **kwargs):
+    return evaluate(policy, reference, tokenizer, PROBES, prompt_format="chat", **kwargs)
+
+
+def test_result_has_every_group_side_and_metric(model, tokenizer):
+    result, answers = run(perturbed(model), model, tokenizer)
+    assert result["behavior"] == "regex:[aeiou]"
+    assert result["elapsed_s"] >= 0
+    assert set(result["groups"]) == {"trained", "unrelated"}
+    for sides in result["groups"].values():
+        assert set(sides) == {"policy", "reference"}
+        for metrics in sides.values():
+            assert set(metrics) == set(METRICS)
+            assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+            assert 0 <= metrics["behavior_rate"] <= 1 and 1 <= metrics["length"] <= 6
+    keys = {"group", "prompt", "policy", "reference", "policy_reward", "reference_reward"}
+    assert [(a["group"], a["prompt"]) for a in answers] == [
+        ("trained", "What color is the sky?"), ("trained", "Describe the sky."), ("unrelated", "What is 2 + 2?")]
+    assert all(set(a) == keys for a in answers)
+
+
+@pytest.mark.parametrize("separate_copy", [False, True], ids=["same-module", "loaded-twice"])
+def test_model_against_itself_has_kl_exactly_zero(model, tokenizer, separate_copy):
+    reference = copy.deepcopy(model) if separate_copy else model
+    result, answers = run(model, reference, tokenizer)
+    for sides in result["groups"].values():
+        for metrics in sides.values():
+            assert metrics["kl_k1"] == 0.0 and metrics["kl_k3"] == 0.0
+        assert sides["policy"] == sides["reference"]  # same seed, same model: the same answers and numbers
+    assert all(a["policy"] == a["reference"] for a in answers)
+
+
+def test_changed_policy_has_positive_k3_and_reference_zero(model, tokenizer):
+    result, _ = run(perturbed(model, 0.2), model, tokenizer)
+    for sides in result["groups"].values():
+        assert sides["policy"]["kl_k3"] > 0
+        assert sides["reference"]["kl_k1"] == sides["reference"]["kl_k3"] == 0.0
+        # nll_reference of the reference's own samples is its own per-token cross-entropy
+        assert sides["reference"]["nll_reference"] > 0
+
+
+def test_lora_policy_with_adapter_disabled_as_reference(model, tokenizer):
+    policy = add_lora(copy.deepcopy(model), r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    result, _ = run(policy, policy, tokenizer, reference_context=policy.disable_adapter)
+    base, _ = run(model, model, tokenizer)
+    for group, sides in result["groups"].items():
+        assert sides["reference"] == pytest.approx(base["groups"][group]["reference"])
+        assert sides["policy"]["kl_k3"] > 0
+
+
+def test_repeatable_and_leaves_the_callers_rng_alone(model, tokenizer):
+    policy = perturbed(model)
+    state = torch.get_rng_state()
+    first, first_answers = run(policy, model, tokenizer)
+    assert torch.equal(torch.get_rng_state(), state)
+    second, second_answers = run(policy, model, tokenizer)
+    assert first["groups"] == second["groups"] and first_answers == second_answers
+    other_seed, _ = run(policy, model, tokenizer, seed=1)
+    assert other_seed["groups"] != first["groups"]
+
+
+def test_small_evaluation_during_training(model, tokenizer):
+    result, answers = run(perturbed(model), model, tokenizer, samples_per_prompt=1, greedy=False, sides=("policy",))
+    assert answers == [] and result["samples_per_prompt"] == 1
+    assert all(set(sides) == {"policy"} for sides in result["groups"].values())
+    metrics = eval_metrics(result)
+    assert set(metrics) == {f"eval/{g}/{m}" for g in ("trained", "unrelated") for m in METRICS}
+    assert metrics["eval/trained/behavior_rate"] == result["groups"]["trained"]["policy"]["behavior_rate"]
+
+
+def test_format_table(model, tokenizer):
+    result, _ = run(model, model, tokenizer)
+    table = format_table(result)
+    assert "| group | side | behaviour rate |" in table
+    assert "| trained | policy |" in table and "| unrelated | reference |" in table
+
+
+def test_shipped_probe_file_loads():
+    probes = load_probes(RECIPES / "data" / "sky_probes.yaml")
+    assert list(probes.groups) == ["trained", "heldout_sky", "related", "unrelated", "capability"]
+    assert all(len(prompts) == 8 for prompts in probes.groups.values())
+    assert probes.behavior_reward()(["q"], ["The sky is red."], [{}]) == [1.0]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (None, "not found"),
+        ("behavior: contains:red\ngroups:\n\ta: [x]\n", "line 3: not valid YAML"),
+        ("behavior: contains:red\ngrups:\n  a: [x]\n", "unknown key 'grups'; did you mean 'groups'?"),
+        ("behavior: contains:red\ngroups:\n  a: [x]\n  b: []\n", "group 'b' has no prompts"),
+        ("behavior: contains:red\ngroups: {}\n", "'groups' is empty"),
+        ("groups:\n  a: [x]\n", "missing key 'behavior'"),
+        ("behavior: contains:red\ntemperature: hot\ngroups:\n  a: [x]\n", "temperature: "),
+        ("- just a list\n", "must be a YAML mapping"),
+    ],
+    ids=["missing", "bad-yaml", "unknown-key", "empty-group", "no-groups", "no-behavior", "bad-type", "not-a-map"],
+)
+def test_bad_probe_files_give_one_line(tmp_path, text, expected):
+    path = tmp_path / "probes.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_probes(path)
+    message = str(err.value)
+    assert expected in message and str(path) in message and "\n" not in message

@@ -1,0 +1,66 @@
+"""Model specs, tokenizer set-up, padding invariance, and one forward of the embedded model."""
+
+import pytest
+import torch
+
+from rlhflab.data import Prompt, render_prompt
+from rlhflab.errors import UserError
+from rlhflab.models import (
+    EMBEDDED, ValueHead, forward_response, load_causal_lm, load_tokenizer, resolve_model_dir,
+)
+
+CPU = torch.device("cpu")
+
+
+def test_tiny_tokenizer_pad_differs_from_eos_and_pads_left():
+    tok = load_tokenizer("tiny")
+    assert tok.pad_token_id != tok.eos_token_id
+    assert tok.padding_side == "left"
+
+
+def test_left_padding_does_not_change_logprobs():
+    """Position ids skip the padding, so a padded prompt scores its answer exactly like an unpadded one."""
+    tok = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", CPU, torch.float32).eval()
+    short = tok("hi", add_special_tokens=False).input_ids
+    answer = tok(" there", add_special_tokens=False).input_ids
+    ids = torch.tensor([short + answer])
+    padded = torch.tensor([[tok.pad_token_id] * 5 + short + answer])
+    mask = torch.ones_like(ids)
+    padded_mask = torch.tensor([[0] * 5 + [1] * (len(short) + len(answer))])
+    with torch.no_grad():
+        a = forward_response(model, ids, mask, len(answer), 1.0).logprobs
+        b = forward_response(model, padded, padded_mask, len(answer), 1.0).logprobs
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_value_head_starts_at_zero():
+    head = ValueHead(8, "mlp")
+    assert torch.equal(head(torch.randn(2, 3, 8)), torch.zeros(2, 3))
+
+
+def test_bad_model_specs_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        resolve_model_dir(str(tmp_path))
+    with pytest.raises(UserError, match="not found"):
+        resolve_model_dir(str(tmp_path / "missing.gguf"))
+
+
+def test_dropout_is_off():
+    model = load_causal_lm("tiny", CPU, torch.float32)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_embedded_model_forward():
+    """The embedded SmolLM2 loads (converted once from its GGUF, then cached) and predicts sensibly."""
+    tok = load_tokenizer(EMBEDDED)
+    assert tok.pad_token_id != tok.eos_token_id
+    model = load_causal_lm(EMBEDDED, CPU, torch.float32).eval()
+    text = render_prompt(Prompt(text="What is the capital of France?"), tok, "chat")
+    answer = "The capital of France is Paris."
+    ids = tok(text + answer, return_tensors="pt", add_special_tokens=False).input_ids
+    n = len(tok(answer, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        lp = forward_response(model, ids, torch.ones_like(ids), n, 1.0).logprobs
+    assert lp.shape == (1, n)
+    assert lp.mean().item() > -2.5  # a coherent answer is likely under the model (random would be ≈ −10.8)
