@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from rlhflab.errors import UserError
+from rlhflab.errors import UserError, user_errors
 from rlhflab.prefs.cli import prefs_app
 
 app = typer.Typer(help="Steer a language model with PPO and a KL penalty; measure what changed.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(prefs_app, name="prefs")
-
-
-def user_errors(fn):
-    """Print UserError as `error: ...` on stderr and exit 2, instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 @app.command()

@@ -257,20 +257,31 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    """One line per problem, naming the key and, for unknown keys, the nearest valid one."""
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            near = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
-            hint = f"; did you mean '{near[0]}'?" if near else "; see `rlhflab config` for the valid keys"
-            lines.append(f"{source}: unknown key '{key}'{hint}")
-        elif key:
-            lines.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
-        else:
-            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines[:2])
+def _describe(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+    """The first problem as one line naming the key; unknown keys get the nearest valid one."""
+    e = min(err.errors(), key=lambda e: e["type"] != "extra_forbidden")  # a misspelt key also reads as missing
+    key = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        keys = _all_keys(model)
+        near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(model.model_fields)}"
+        return f"{source}: unknown key '{key}'; {hint}"
+    if e["type"] == "missing":
+        field = model.model_fields.get(key)
+        doc = (field.description or "").rstrip(".") if field is not None else ""
+        return f"{source}: missing key '{key}'" + (f" ({doc})" if doc else "")
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "value_error":
+        return f"{source}: {msg}"
+    return f"{source}: {key}: {msg} (got {e.get('input')!r})"
+
+
+def validated(model: type[BaseModel], raw: dict, source: str):
+    """`model.model_validate(raw)`, with a failure turned into a one-line UserError naming `source` and the key."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_describe(e, source, model)) from None
 
 
 def parse_value(text: str) -> Any:
@@ -312,10 +323,7 @@ def read_yaml(path: Path, what: str = "recipe") -> dict:
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as e:
-        raise UserError(_describe(e, source)) from None
+    return validated(Config, raw, source)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

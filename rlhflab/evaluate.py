@@ -24,7 +24,6 @@ models, evaluate, write EVAL_DIR/eval.json and EVAL_DIR/answers.jsonl.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import time
 from contextlib import AbstractContextManager
@@ -33,10 +32,11 @@ from typing import Callable
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from torch import nn
 
 from rlhflab import ppo_math as M
+from rlhflab.config import validated
 from rlhflab.data import Prompt, render_prompt
 from rlhflab.diversity import distinct_n, self_bleu
 from rlhflab.errors import UserError
@@ -98,23 +98,6 @@ class Probes(BaseModel):
         return self._reward
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    """The first problem as one line naming the key; unknown keys get the nearest valid one."""
-    e = min(err.errors(), key=lambda e: e["type"] != "extra_forbidden")  # a misspelt key also reads as missing
-    key = ".".join(str(p) for p in e["loc"])
-    if e["type"] == "extra_forbidden":
-        near = difflib.get_close_matches(key, list(Probes.model_fields), n=1, cutoff=0.5)
-        hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(Probes.model_fields)}"
-        return f"{source}: unknown key '{key}'; {hint}"
-    if e["type"] == "missing":
-        doc = (Probes.model_fields[key].description or "").rstrip(".") if key in Probes.model_fields else ""
-        return f"{source}: missing key '{key}'" + (f" ({doc})" if doc else "")
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "value_error":
-        return f"{source}: {msg}"
-    return f"{source}: {key}: {msg} (got {e.get('input')!r})"
-
-
 def load_probes(path: str | Path) -> Probes:
     """Read and check a probe file; every problem is a one-line UserError naming the file and key (or line)."""
     path = Path(path)
@@ -129,26 +112,13 @@ def load_probes(path: str | Path) -> Probes:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a probe file must be a YAML mapping with keys behavior, groups (and optionally "
                         "samples_per_prompt, temperature, max_new_tokens)")
-    try:
-        probes = Probes.model_validate(raw)
-    except ValidationError as e:
-        raise UserError(_describe(e, str(path))) from None
+    probes = validated(Probes, raw, str(path))
     probes._base_dir = path.resolve().parent
     return probes
 
 
 # ---------------------------------------------------------------------------------------------------
 # evaluation
-
-
-def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, q: int):
-    """Drop columns that are padding in every row: left of the prompts, right of the answers (exact).
-
-    input_ids, attention_mask (b, Q+T), response_mask (b, T) -> (ids, mask, response_len).
-    """
-    first_real = int(attention_mask[:, :q].argmax(1).min())
-    response_len = max(int(response_mask.sum(1).max()), 1)
-    return input_ids[:, first_real : q + response_len], attention_mask[:, first_real : q + response_len], response_len
 
 
 def _score_forwards(
@@ -165,13 +135,11 @@ def _score_forwards(
     Returns three (B, T) tensors, zero after each answer's first EOS.
     """
     B, T = gen.response_ids.shape
-    q = gen.query_ids.shape[1]
     device = gen.response_ids.device
     logprobs, entropy, ref_logprobs = (torch.zeros(B, T, device=device) for _ in range(3))
-    ids, attn = gen.input_ids, gen.attention_mask
     for start in range(0, B, FORWARD_BATCH):
         s = slice(start, start + FORWARD_BATCH)
-        i, a, t = _trim(ids[s], attn[s], gen.response_mask[s], q)
+        i, a, t = gen.trimmed(s)
         with side_context():
             out = forward_response(side_model, i, a, t, temperature, with_entropy=True)
         logprobs[s, :t], entropy[s, :t] = out.logprobs, out.entropy

@@ -30,10 +30,11 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from rlhflab.config import Config, _Section, apply_overrides, config_from_dict, read_yaml, resolve_paths
-from rlhflab.errors import UserError
+from rlhflab.config import (
+    Config, _Section, apply_overrides, config_from_dict, read_yaml, resolve_paths, validated,
+)
 
 
 class RMSettings(_Section):
@@ -92,17 +93,7 @@ def load_loop_config(path: str | Path) -> tuple[LoopConfig, Path]:
     """The loop file, validated, with its paths resolved against its folder; and that folder."""
     path = Path(path)
     raw = read_yaml(path, "loop file")
-    try:
-        config = LoopConfig.model_validate(raw)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            if err["type"] == "extra_forbidden":
-                lines.append(f"{path}: unknown key '{key}'; valid keys: {', '.join(LoopConfig.model_fields)}")
-            else:
-                lines.append(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})")
-        raise UserError("\n".join(lines[:2])) from None
+    config = validated(LoopConfig, raw, str(path))
     base = path.parent.resolve()
 
     def fix(p: str | None) -> str | None:

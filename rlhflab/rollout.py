@@ -36,6 +36,19 @@ class Generation:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.response_mask.long()], 1)  # (B, Q+T)
 
+    def trimmed(self, rows) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Prompt+answer of some rows without the columns that are padding in all of them (exact: only padding
+        goes), so a forward pass costs what the longest real sequence needs.
+
+        rows: a slice or index tensor -> (input_ids (b, L'), attention_mask (b, L'), answer length T')
+        """
+        query_mask, response_mask = self.query_mask[rows], self.response_mask[rows]
+        first_real = int(query_mask.argmax(1).min())  # left padding: first column any row uses
+        t = max(int(response_mask.sum(1).max()), 1)
+        ids = torch.cat([self.query_ids[rows, first_real:], self.response_ids[rows, :t]], 1)
+        mask = torch.cat([query_mask[:, first_real:], response_mask[:, :t].long()], 1)
+        return ids, mask, t
+
 
 @dataclass
 class Rollout:

@@ -21,7 +21,6 @@ seed and status (`pending`, `running`, `done`, `failed`), rewritten whenever a s
 
 from __future__ import annotations
 
-import difflib
 import fcntl
 import gc
 import itertools
@@ -36,10 +35,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rlhflab.checkpoint import latest_checkpoint
-from rlhflab.config import Config, load_config, read_yaml
+from rlhflab.config import Config, load_config, read_yaml, validated
 from rlhflab.errors import UserError
 
 DONE = "DONE"  # marker file of a finished run
@@ -98,20 +97,7 @@ def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; unknown keys and malformed values are UserErrors naming them."""
     path = Path(path)
     raw = read_yaml(path, "sweep file")
-    try:
-        sweep = Sweep.model_validate(raw)
-    except ValidationError as err:
-        lines = []
-        for e in err.errors()[:2]:
-            key = ".".join(str(p) for p in e["loc"])
-            if e["type"] == "extra_forbidden":
-                near = difflib.get_close_matches(key, list(Sweep.model_fields), n=1, cutoff=0.5)
-                fields = ", ".join(Sweep.model_fields)
-                hint = f"; did you mean '{near[0]}'?" if near else f"; a sweep file holds {fields}"
-                lines.append(f"{path}: unknown key '{key}'{hint}")
-            else:
-                lines.append(f"{path}: {key}: {e['msg'].removeprefix('Value error, ')}")
-        raise UserError("\n".join(lines)) from None
+    sweep = validated(Sweep, raw, str(path))
     settings = flatten_settings(sweep.set)
     if SEED_KEY in sweep.grid or SEED_KEY in settings:
         raise UserError(f"{path}: set seeds with `seeds: [...]`, not with '{SEED_KEY}' in grid or set")

@@ -12,7 +12,6 @@ The math lives in `ppo_math.py`; models and the forward pass in `models.py`; sam
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -25,7 +24,7 @@ from torch import nn
 
 from rlhflab import ppo_math as M
 from rlhflab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
-from rlhflab.config import Config, save_config
+from rlhflab.config import Config
 from rlhflab.data import PromptSampler, load_prompts, render_prompt, resolve_prompt_format
 from rlhflab.errors import UserError
 from rlhflab.models import (
@@ -35,17 +34,6 @@ from rlhflab.rollout import Rollout, generate
 from rlhflab.tracking import Tracker, truncate_jsonl
 
 RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
-
-
-def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, q: int):
-    """Drop columns that are padding in every row of a (micro-)batch: left of the prompts, right of the answers.
-
-    Returns (input_ids, attention_mask, response_len) for the trimmed batch; exact, it only removes padding.
-    """
-    first_real = int(attention_mask[:, :q].argmax(1).min()) if q else 0
-    resp_len = max(int(response_mask.sum(1).max()), 1)
-    end = q + resp_len
-    return input_ids[:, first_real:end], attention_mask[:, first_real:end], resp_len
 
 
 class PPOTrainer:
@@ -150,13 +138,12 @@ class PPOTrainer:
     def _score_forwards(self, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Reference log-probs, and separate-critic values, in rollout-sized batches with padding trimmed."""
         c = self.config
-        ids, attn, q = gen.input_ids, gen.attention_mask, gen.query_ids.shape[1]
         B, T = gen.response_ids.shape
         ref_logprobs = torch.zeros(B, T, device=self.device)
         values = gen.values if self.critic is None else torch.zeros(B, T, device=self.device)
         step = c.rollout.generation_batch_size or B
         for s in (slice(i, i + step) for i in range(0, B, step)):
-            i, a, t = _trim(ids[s], attn[s], gen.response_mask[s], q)
+            i, a, t = gen.trimmed(s)
             with self._reference_context():
                 ref_logprobs[s, :t] = forward_response(self.ref_model or self.policy, i, a, t,
                                                        c.rollout.temperature).logprobs
@@ -228,8 +215,7 @@ class PPOTrainer:
 
     def update(self, ro: Rollout) -> dict[str, float]:
         c = self.config
-        gen, q = ro.gen, ro.gen.query_ids.shape[1]
-        ids, attn = gen.input_ids, gen.attention_mask
+        gen = ro.gen
         N, mb, micro = c.rollout_batch_size, c.ppo.minibatch_size, c.micro_batch_size
         train_policy = self.iteration > c.ppo.critic_warmup_iterations
         want_entropy = c.ppo.entropy_coef > 0
@@ -243,7 +229,7 @@ class PPOTrainer:
                 mb_stats: dict[str, list[float]] = {}
                 for m in range(0, mb, micro):
                     s = mb_idx[m : m + micro]
-                    i, a, t = _trim(ids[s], attn[s], gen.response_mask[s], q)
+                    i, a, t = gen.trimmed(s)
                     mask = gen.response_mask[s, :t]
                     adv, old_lp = ro.advantages[s, :t], gen.logprobs[s, :t]
                     shared_head = self.value_head if self.critic is None else None

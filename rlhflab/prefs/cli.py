@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import getpass
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from rlhflab.errors import UserError
+from rlhflab.errors import user_errors
 from rlhflab.prefs.io import export_jsonl, import_jsonl
 from rlhflab.prefs.judge import judge_pending
 from rlhflab.prefs.label import run_session
@@ -28,20 +27,6 @@ DbOption = Annotated[Path, typer.Option("--db", help="Preference DB (SQLite file
 STATES = ("pending", "a", "b", "tie", "skip", "contested")
 
 
-def exits_on_user_error(command):
-    """Turn a `UserError` into one red `error: ...` line on stderr and exit code 2 (no traceback)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except UserError as e:
-            Console(stderr=True).print(Text(f"error: {e}", style="red"), soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
 def _default_labeler() -> str:
     try:
         return getpass.getuser()
@@ -50,7 +35,7 @@ def _default_labeler() -> str:
 
 
 @prefs_app.command("import")
-@exits_on_user_error
+@user_errors
 def import_cmd(
     file: Annotated[Path, typer.Argument(help="JSONL of prompt/chosen/rejected or prompt/completion_a/completion_b.")],
     db: DbOption,
@@ -67,7 +52,7 @@ def import_cmd(
 
 
 @prefs_app.command("export")
-@exits_on_user_error
+@user_errors
 def export_cmd(
     db: DbOption,
     out: Annotated[Path, typer.Option("--out", help="JSONL to write in TRL's prompt/chosen/rejected format.")],
@@ -80,7 +65,7 @@ def export_cmd(
 
 
 @prefs_app.command("stats")
-@exits_on_user_error
+@user_errors
 def stats_cmd(db: DbOption) -> None:
     """Pairs by state, labels by labeler, and agreement between labelers on shared pairs."""
     with PreferenceStore(db, create=False) as store:
@@ -89,7 +74,7 @@ def stats_cmd(db: DbOption) -> None:
 
 
 @prefs_app.command("label")
-@exits_on_user_error
+@user_errors
 def label_cmd(
     db: DbOption,
     labeler: Annotated[str | None, typer.Option(help="Your name in the store [default: login name].")] = None,
@@ -100,7 +85,7 @@ def label_cmd(
 
 
 @prefs_app.command("judge")
-@exits_on_user_error
+@user_errors
 def judge_cmd(
     db: DbOption,
     reward: Annotated[str, typer.Option(help="Reward spec that judges, e.g. vader.")],
@@ -117,7 +102,7 @@ def judge_cmd(
 
 
 @prefs_app.command("generate")
-@exits_on_user_error
+@user_errors
 def generate_cmd(
     model: Annotated[str, typer.Option("--model", help="Model spec or run directory that samples the answers.")],
     prompts: Annotated[Path, typer.Option("--prompts", help="Prompt file (.jsonl, .csv or .txt), cycled through.")],
