@@ -269,16 +269,23 @@ def forward_response(
     value_head: ValueHead | None = None,
     with_logits: bool = True,
     with_entropy: bool = False,
+    share_prefix: bool = True,
 ) -> Forward:
     """One forward pass over prompt+response returning response log-probs (and values, entropy).
 
     input_ids, attention_mask (B, L) with the prompt left-padded and the response (length T) at the end.
     The LM head runs on the T response positions only: with a 49k vocabulary it would otherwise dominate.
     Position ids skip left padding so padded and unpadded prompts give the same logits (detail 2).
+    With `share_prefix`, prompt tokens that every row starts with (a chat template's system prompt) run
+    once and all rows attend to their keys/values, gradients included: the same result for less work.
     """
     trunk, lm_head = trunk_and_head(model)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    prefix_len = shared_prefix_len(input_ids, attention_mask, response_len) if share_prefix else 0
+    if prefix_len > 0:
+        hidden = _trunk_with_shared_prefix(trunk, input_ids, attention_mask, prefix_len)
+    else:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     hidden = hidden[:, -response_len - 1 : -1]  # (B, T, H): the states that predict each response token
     values = value_head(hidden) if value_head is not None else None
     logprobs = entropy = None
@@ -290,3 +297,42 @@ def forward_response(
         if with_entropy:
             entropy = entropy_from_logits(logits, temperature)
     return Forward(logprobs, entropy, values)
+
+
+def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> int:
+    """Number of leading prompt tokens identical in every row (left-padded prompts, answers of length T at
+    the end), keeping at least one prompt token of each row outside it. 0 for a single row."""
+    q = input_ids.shape[1] - response_len
+    lengths = attention_mask[:, :q].sum(1)
+    n = int(lengths.min()) - 1
+    if len(input_ids) < 2 or n <= 0:
+        return 0
+    starts = (q - lengths).tolist()
+    aligned = torch.stack([input_ids[b, s : s + n] for b, s in enumerate(starts)])  # (B, n)
+    same = (aligned == aligned[:1]).all(0)  # (n,)
+    return n if bool(same.all()) else int(same.long().argmin())
+
+
+def _trunk_with_shared_prefix(trunk, input_ids, attention_mask, prefix_len: int) -> torch.Tensor:
+    """Last hidden states of the tokens after a prefix shared by all rows; the prefix runs once (batch 1).
+
+    input_ids, attention_mask (B, L) with left-padded prompts -> (B, R, H) for each row's columns after its
+    prefix, left-padded to the longest, R = L − min(left padding) − prefix_len. Right padding is kept.
+    """
+    B, L = input_ids.shape
+    first = attention_mask.argmax(1).tolist()  # each row's first real column
+    R = L - min(first) - prefix_len
+    rest_ids = input_ids.new_zeros(B, R)
+    rest_mask = attention_mask.new_zeros(B, R)
+    for b, f in enumerate(first):
+        n = L - f - prefix_len
+        rest_ids[b, R - n :] = input_ids[b, L - n :]
+        rest_mask[b, R - n :] = attention_mask[b, L - n :]
+    prefix = input_ids[:1, first[0] : first[0] + prefix_len]  # (1, P)
+    positions = torch.arange(prefix_len, device=input_ids.device)[None]
+    cache = trunk(input_ids=prefix, position_ids=positions, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(B)
+    mask = torch.cat([rest_mask.new_ones(B, prefix_len), rest_mask], 1)
+    rest_positions = prefix_len + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+    return trunk(input_ids=rest_ids, attention_mask=mask, position_ids=rest_positions,
+                 past_key_values=cache, use_cache=True).last_hidden_state

@@ -47,7 +47,7 @@ def test_clean_stream_fires_nothing():
         ({4: {"objective/kl_k1": -0.8}, 9: {"objective/kl_k1": -0.9}}, ("negative_kl", 4)),
         # objective/kl < 0 at 6, 7, 8: the third in a row fires; a single dip at 3 does not
         ({3: {"objective/kl": -0.01}, **{i: {"objective/kl": -0.01} for i in (6, 7, 8)}}, ("negative_kl", 8)),
-        ({7: {"policy/ratio_max": 25.0}}, ("ratio_blowup", 7)),
+        ({7: {"policy/ratio_max": 250.0}}, ("ratio_blowup", 7)),
         ({5: {"policy/ratio_mean": 1.35}}, ("ratio_blowup", 5)),
         # 0.9 -> 0.5 is not below 0.5; 0.4 is below both half the first value (0.45) and 0.5
         ({6: {"rollout/eos_rate": 0.5}, **{i: {"rollout/eos_rate": 0.4} for i in range(8, 13)}}, ("eos_collapse", 8)),
@@ -74,11 +74,11 @@ def test_edit_leaking_watches_capability_groups():
 
 def test_monitor_returns_each_note_once_with_cause_and_fix():
     monitor = HealthMonitor()
-    rows = with_changes({3: {"policy/ratio_max": 50.0}, 4: {"policy/ratio_max": 60.0}})
+    rows = with_changes({3: {"policy/ratio_max": 500.0}, 4: {"policy/ratio_max": 600.0}})
     notes_per_row = [monitor.update(row) for row in rows]
     assert [len(notes) for notes in notes_per_row] == [0, 0, 1] + [0] * 9
     note = notes_per_row[2][0]
-    assert "policy/ratio_max" in note.message and "50" in note.message and "iteration 3" in note.message
+    assert "policy/ratio_max" in note.message and "500" in note.message and "iteration 3" in note.message
     assert "\n" not in note.message and note.cause and note.fix
 
 

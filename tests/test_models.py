@@ -64,3 +64,37 @@ def test_embedded_model_forward():
         lp = forward_response(model, ids, torch.ones_like(ids), n, 1.0).logprobs
     assert lp.shape == (1, n)
     assert lp.mean().item() > -2.5  # a coherent answer is likely under the model (random would be ≈ −10.8)
+
+
+def test_shared_prefix_forward_matches_plain_forward_and_gradients():
+    """Running the common prompt prefix once gives the same log-probs, values and gradients."""
+    from rlhflab.models import shared_prefix_len
+
+    tok = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", CPU, torch.float32)
+    head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.net[-1].weight)
+    prompts = ["<|im_start|>system\nbe brief<|im_end|>\nhi", "<|im_start|>system\nbe brief<|im_end|>\nhello you"]
+    answers = [" there<|im_end|>", " x"]
+    q = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    tok.padding_side = "right"
+    r = tok(answers, padding=True, return_tensors="pt", add_special_tokens=False)
+    ids = torch.cat([q.input_ids, r.input_ids], 1)
+    mask = torch.cat([q.attention_mask, r.attention_mask], 1)
+    T = r.input_ids.shape[1]
+    assert shared_prefix_len(ids, mask, T) == len(tok("<|im_start|>system\nbe brief<|im_end|>\nh").input_ids)
+
+    def run(share):
+        model.zero_grad()
+        head.zero_grad()
+        out = forward_response(model, ids, mask, T, 0.8, head, share_prefix=share)
+        real = r.attention_mask.float()
+        ((out.logprobs * real).sum() + (out.values * real).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return out.logprobs * real, out.values * real, grads
+
+    lp_a, v_a, g_a = run(False)
+    lp_b, v_b, g_b = run(True)
+    assert torch.allclose(lp_a, lp_b, atol=1e-5)
+    assert torch.allclose(v_a, v_b, atol=1e-5)
+    assert all(torch.allclose(g_a[n], g_b[n], atol=1e-4) for n in g_a)
