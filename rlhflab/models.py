@@ -69,7 +69,9 @@ def _atomic_dir(final: Path, build) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
-        build(tmp)
+        # a run's random stream must not depend on whether the cache already existed
+        with torch.random.fork_rng(devices=[]):
+            build(tmp)
         os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -359,9 +359,9 @@ def plot_behavior_bars(evaluation: dict, plot_dir: Path) -> FigureRef | None:
     behavior = textwrap.shorten(str(evaluation.get("behavior", "behaviour")), 32, placeholder="…")
     ax.set_title(f"Behaviour rate per probe group ({behavior})")
     ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0)
-    ax.set_xlabel("probe group")
     ax.set_ylabel("share of answers with behaviour")
     ax.set_ylim(0, 1.15)
+    # no x-axis label: the group names say it, and rotated names would push it into the legend
     _legend_below(ax, *ax.get_legend_handles_labels())
     return _save(fig, plot_dir / "behavior_by_group.png", "Behaviour rate per probe group")
 

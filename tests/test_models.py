@@ -98,3 +98,12 @@ def test_shared_prefix_forward_matches_plain_forward_and_gradients():
     assert torch.allclose(lp_a, lp_b, atol=1e-5)
     assert torch.allclose(v_a, v_b, atol=1e-5)
     assert all(torch.allclose(g_a[n], g_b[n], atol=1e-4) for n in g_a)
+
+
+def test_building_a_cached_model_leaves_the_random_stream_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHFLAB_CACHE", str(tmp_path))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    resolve_model_dir("tiny")  # builds the tiny model into the empty cache (seeds its own init)
+    assert torch.equal(torch.rand(3), expected)
