@@ -137,10 +137,10 @@ def test_report_without_eval_and_with_missing_keys(tmp_path):
 def test_health_notes_appear_with_cause_and_fix(tmp_path):
     run_dir = make_run_dir(tmp_path, iterations=6, with_eval=False)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows[3]["policy/ratio_max"] = 40.0
+    rows[3]["policy/ratio_max"] = 400.0
     write_jsonl(run_dir / "metrics.jsonl", rows)
     page = write_report(run_dir)[0].read_text()
-    assert "ratio_blowup: policy/ratio_max = 40 at iteration 4" in page and "Likely cause:" in page and "Fix:" in page
+    assert "ratio_blowup: policy/ratio_max = 400 at iteration 4" in page and "Likely cause:" in page and "Fix:" in page
 
 
 def test_missing_metrics_is_a_user_error(tmp_path):
