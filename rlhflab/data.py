@@ -54,6 +54,24 @@ def _from_record(record: dict, where: str) -> Prompt:
     raise UserError(f"{where}: needs a 'prompt' or 'messages' field (found: {', '.join(record) or 'nothing'})")
 
 
+def iter_jsonl(path: Path):
+    """(line number, object) for each non-blank line; a line that is not a JSON object is a UserError naming it."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{n}: each line must be a JSON object, got {type(record).__name__}")
+        yield n, record
+
+
 def load_prompts(path: str | Path) -> list[Prompt]:
     """Read a prompt file; every bad line is reported with its file and line number."""
     if not path:
@@ -63,15 +81,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
         raise UserError(f"prompt file '{path}' not found; set data.prompts to an existing .jsonl, .csv or .txt file")
     prompts: list[Prompt] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{n}: each line must be a JSON object, got {type(record).__name__}")
+        for n, record in iter_jsonl(path):
             prompts.append(_from_record(record, f"{path}:{n}"))
     elif path.suffix == ".csv":
         with path.open(newline="") as f:

@@ -225,7 +225,7 @@ def test_a_pair_stored_the_other_way_round_is_the_same_pair(tmp_path):
     "line, message",
     [
         ('{"prompt": "p", "chosen": "x"', "not valid JSON"),
-        ('["p", "x", "y"]', "expected a JSON object"),
+        ('["p", "x", "y"]', "must be a JSON object"),
         ('{"prompt": "p", "chosen": "x"}', "missing key 'rejected'"),
         ('{"prompt": "p", "answer": "x"}', "expected keys prompt, chosen, rejected"),
         ('{"prompt": "p", "chosen": "x", "rejected": "x"}', "same text"),

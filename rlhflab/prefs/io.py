@@ -31,6 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhflab.data import iter_jsonl
 from rlhflab.errors import UserError
 from rlhflab.prefs.store import AddCounts, Candidate, NewPair, PreferenceStore, Verdict
 
@@ -53,31 +54,15 @@ def import_jsonl(store: PreferenceStore, path: str | Path, *, labeler: str = "im
 def read_jsonl(path: str | Path, *, labeler: str = "import", seed: int = 0) -> list[NewPair]:
     """Parse every line of `path` into a `NewPair`; the first bad line raises a `UserError`."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
     pairs = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, record in iter_jsonl(path):
         try:
-            pairs.append(_parse_record(_load_object(line), f"import:{path.name}", labeler, seed))
+            pairs.append(_parse_record(record, f"import:{path.name}", labeler, seed))
         except ValueError as e:
             raise UserError(f"{path}:{number}: {e}") from None
     return pairs
-
-
-def _load_object(line: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    return record
 
 
 def _parse_record(record: dict, source: str, labeler: str, seed: int) -> NewPair:
