@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib as mpl
-from matplotlib.ticker import MaxNLocator
 
 from rlhflab.errors import UserError
 from rlhflab.health import check_health
 from rlhflab.report import (
     PALETTE, PLOT_STYLE, Details, Document, FigureRef, Figures, Heading, Run, Stats, Table, Text, _flatten, _fmt,
-    _legend_below, _new_figure, _save, _series, load_run, render_html, render_markdown,
+    finish_iteration_axes, _legend_below, _new_figure, _save, _series, load_run, render_html, render_markdown,
 )
 from rlhflab.sweep import SWEEP_JSON, _short_keys
 
@@ -229,13 +228,7 @@ def plot_band(spec: BandPlot, groups: list[Group], plot_dir: Path) -> FigureRef 
         ax.set_ylabel(f"{spec.ylabel} — symlog scale")
     else:
         ax.set_ylabel(spec.ylabel)
-    if spec.zero_line:
-        ax.axhline(0, color="black", lw=0.8, alpha=0.6)
-    if spec.ylim:
-        ax.set_ylim(*spec.ylim)
-    ax.set_title(spec.title)
-    ax.set_xlabel("PPO iteration")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    finish_iteration_axes(ax, spec)
     _legend(ax, groups, handles)
     return _save(fig, plot_dir / f"{spec.name}.png", spec.title)
 

@@ -222,6 +222,17 @@ def _legend_below(
               title=title)
 
 
+def finish_iteration_axes(ax: Axes, spec) -> None:
+    """Zero line, y-limits, title and an integer "PPO iteration" x-axis: shared by run and comparison plots."""
+    if spec.zero_line:
+        ax.axhline(0, color="black", lw=0.8, alpha=0.6)
+    if spec.ylim:
+        ax.set_ylim(*spec.ylim)
+    ax.set_title(spec.title)
+    ax.set_xlabel("PPO iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_curves(spec: CurvePlot, rows: list[dict], plot_dir: Path) -> FigureRef | None:
     """Draw one per-iteration plot from the metric rows; None when none of its metrics was logged."""
     series = [(curve, _series(rows, curve.key)) for curve in spec.curves]
@@ -241,14 +252,8 @@ def plot_curves(spec: CurvePlot, rows: list[dict], plot_dir: Path) -> FigureRef 
         twin.spines["right"].set_visible(True)
         more_handles, more_labels = twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    if spec.zero_line:
-        ax.axhline(0, color="black", lw=0.8, alpha=0.6)
-    if spec.ylim:
-        ax.set_ylim(*spec.ylim)
-    ax.set_title(spec.title)
-    ax.set_xlabel("PPO iteration")
     ax.set_ylabel(spec.ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    finish_iteration_axes(ax, spec)
     if len(labels) > 1:  # a lone curve is named by the title
         _legend_below(ax, handles, labels)
     return _save(fig, plot_dir / f"{spec.name}.png", spec.title)
