@@ -7,8 +7,9 @@ answers and measures (per side, on that side's own samples; T = the probe temper
     behavior_rate  share of answers whose behaviour reward is > 0
     reward_mean    mean behaviour reward
     kl_k1, kl_k3   mean over answers of Σ_t k(log π_side,T(y_t) − log π_ref,T(y_t)): the sequence KL to the
-                   reference (k1 = log-ratio, k3 = (r − 1) − log r ≥ 0). Both log-probs come from a forward pass
-                   (`models.forward_response`), so the reference's KL to itself is exactly 0.
+                   reference (k1 = log-ratio, k3 = (r − 1) − log r ≥ 0). The side's log-probs come from its sampling
+                   pass, the reference's from a forward pass (`models.forward_response`); the reference's KL
+                   to itself is exactly 0 (one tensor on both sides).
     entropy        mean per-token entropy of the side's own model at T (nats/token)
     nll_reference  mean per-token −log π_ref,T(y_t) of the answers: a fluency proxy, how unlike the reference's
                    own text they are (nats/token)
@@ -121,35 +122,22 @@ def load_probes(path: str | Path) -> Probes:
 # evaluation
 
 
-def _score_forwards(
+def _reference_logprobs(
     gen: Generation,
-    side_model: nn.Module,
-    side_context: Callable[[], AbstractContextManager],
-    reference: nn.Module | None,
+    reference: nn.Module,
     reference_context: Callable[[], AbstractContextManager],
     temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token log π_side, entropy of π_side and log π_ref of a side's answers, all from forward passes.
-
-    `reference=None` means the side is the reference: its own log-probs are the reference's (KL exactly 0).
-    Returns three (B, T) tensors, zero after each answer's first EOS.
-    """
+) -> torch.Tensor:
+    """Per-token log π_ref,T of a side's answers from forward passes of the reference: (B, T), zero after each
+    answer's first EOS."""
     B, T = gen.response_ids.shape
-    device = gen.response_ids.device
-    logprobs, entropy, ref_logprobs = (torch.zeros(B, T, device=device) for _ in range(3))
+    ref_logprobs = torch.zeros(B, T, device=gen.response_ids.device)
     for start in range(0, B, FORWARD_BATCH):
         s = slice(start, start + FORWARD_BATCH)
         i, a, t = gen.trimmed(s)
-        with side_context():
-            out = forward_response(side_model, i, a, t, temperature, with_entropy=True)
-        logprobs[s, :t], entropy[s, :t] = out.logprobs, out.entropy
-        if reference is None:
-            ref_logprobs[s, :t] = out.logprobs
-        else:
-            with reference_context():
-                ref_logprobs[s, :t] = forward_response(reference, i, a, t, temperature).logprobs
-    mask = gen.response_mask
-    return logprobs * mask, entropy * mask, ref_logprobs * mask
+        with reference_context():
+            ref_logprobs[s, :t] = forward_response(reference, i, a, t, temperature).logprobs
+    return ref_logprobs * gen.response_mask
 
 
 def _side_metrics(
@@ -236,13 +224,13 @@ def evaluate(
         model, context = models[side]
         with _seeded(seed, device), context():
             gen = generate(model, tokenizer, texts, probes.max_new_tokens, probes.temperature,
-                           with_logprobs=False, batch_size=GENERATION_BATCH)
+                           batch_size=GENERATION_BATCH)
         rewards = reward(shown, gen.texts, [{} for _ in texts])
-        is_reference = side == "reference"
-        logprobs, entropy, ref_logprobs = _score_forwards(
-            gen, model, context, None if is_reference else reference, reference_context, probes.temperature)
+        # the side's own log-probs come from its sampling pass; the reference's own answers need no second model
+        ref_logprobs = gen.logprobs if side == "reference" else _reference_logprobs(
+            gen, reference, reference_context, probes.temperature)
         for group, rows in rows_of.items():
-            groups[group][side] = _side_metrics(gen, rows, rewards, logprobs, entropy, ref_logprobs)
+            groups[group][side] = _side_metrics(gen, rows, rewards, gen.logprobs, gen.entropy, ref_logprobs)
 
     answers: list[dict] = []
     if greedy:

@@ -79,6 +79,26 @@ def response_mask_after_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[to
     return (~after_first).float(), is_eos.any(1)
 
 
+def _prefill_unique_prompts(model: nn.Module, texts: list[str], enc: dict):
+    """The KV cache of every prompt but its last token, computed once per distinct prompt and copied to its
+    repeats (samples per prompt), or None when all prompts differ. `generate` then runs only the last prompt
+    token and the answer: the prompt forward is the costliest step of sampling several answers per prompt.
+    """
+    first_row = {}
+    for i, text in enumerate(texts):
+        first_row.setdefault(text, i)
+    if len(first_row) == len(texts):
+        return None
+    device = enc["input_ids"].device
+    unique_rows = torch.tensor(list(first_row.values()), device=device)
+    row_of = {text: j for j, text in enumerate(first_row)}
+    ids, mask = enc["input_ids"][unique_rows, :-1], enc["attention_mask"][unique_rows, :-1]  # (U, Q-1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True).past_key_values
+    cache.batch_select_indices(torch.tensor([row_of[t] for t in texts], device=device))  # (U, ...) -> (B, ...)
+    return cache
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -122,7 +142,8 @@ def generate(
     for start in range(0, len(texts), step):
         enc = tokenizer(texts[start : start + step], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
-        out = model.generate(**enc, generation_config=config)
+        cache = _prefill_unique_prompts(model, texts[start : start + step], enc)
+        out = model.generate(**enc, generation_config=config, past_key_values=cache)
         q = enc["input_ids"].shape[1]
         response_ids = out.sequences[:, q:]  # (b, T)
         logprobs = entropy = values = None

@@ -99,8 +99,8 @@ def test_eval_two_models(probes, tmp_path):
     result = runner.invoke(app, ["eval", "--model", "tiny", "--reference", "tiny", "--probes", str(probes),
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
-    for sides in check_eval(out)["groups"].values():
-        assert sides["policy"]["kl_k1"] == sides["policy"]["kl_k3"] == 0.0
+    for sides in check_eval(out)["groups"].values():  # a model against itself: KL 0 up to float rounding
+        assert abs(sides["policy"]["kl_k1"]) < 1e-5 and 0 <= sides["policy"]["kl_k3"] < 1e-9
 
 
 def test_report_holds_the_plots(run_dir):

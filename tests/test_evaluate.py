@@ -73,13 +73,17 @@ def test_result_has_every_group_side_and_metric(model, tokenizer):
 
 
 @pytest.mark.parametrize("separate_copy", [False, True], ids=["same-module", "loaded-twice"])
-def test_model_against_itself_has_kl_exactly_zero(model, tokenizer, separate_copy):
+def test_model_against_itself_has_kl_zero(model, tokenizer, separate_copy):
     reference = copy.deepcopy(model) if separate_copy else model
     result, answers = run(model, reference, tokenizer)
     for sides in result["groups"].values():
-        for metrics in sides.values():
-            assert metrics["kl_k1"] == 0.0 and metrics["kl_k3"] == 0.0
-        assert sides["policy"] == sides["reference"]  # same seed, same model: the same answers and numbers
+        # the reference's own answers use one tensor on both sides; the policy's sampling-pass log-probs meet
+        # a forward pass of the same weights, equal up to float rounding
+        assert sides["reference"]["kl_k1"] == sides["reference"]["kl_k3"] == 0.0
+        assert abs(sides["policy"]["kl_k1"]) < 1e-5 and 0 <= sides["policy"]["kl_k3"] < 1e-9
+        kl_free = lambda m: {k: v for k, v in m.items() if not k.startswith("kl_")}  # noqa: E731
+        # same seed, same model: the same answers and numbers
+        assert kl_free(sides["policy"]) == pytest.approx(kl_free(sides["reference"]), rel=1e-6)
     assert all(a["policy"] == a["reference"] for a in answers)
 
 
@@ -137,6 +141,10 @@ def test_shipped_probe_file_loads():
     assert list(probes.groups) == ["trained", "heldout_sky", "related", "unrelated", "capability"]
     assert all(len(prompts) == 8 for prompts in probes.groups.values())
     assert probes.behavior_reward()(["q"], ["The sky is red."], [{}]) == [1.0]
+    train = set((RECIPES / "data" / "sky_train.txt").read_text().splitlines())
+    heldout = set((RECIPES / "data" / "sky_heldout.txt").read_text().splitlines())
+    assert set(probes.groups["trained"]) <= train
+    assert set(probes.groups["heldout_sky"]) <= heldout and not heldout & train
 
 
 @pytest.mark.parametrize(
