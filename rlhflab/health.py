@@ -22,9 +22,12 @@ NEGATIVE_KL_STREAK = 3  # iterations in a row with objective/kl < 0
 # a max above 100, or a mean ratio off 1, means the whole batch moved too far.
 RATIO_MAX_LIMIT = 100.0
 RATIO_MEAN_TOLERANCE = 0.2  # |mean ratio - 1|
-# eos_collapse: both must hold, so a run that never stopped much (first rate 0.3) is not flagged.
-EOS_DROP_FRACTION = 0.5  # below this fraction of the first EOS rate ...
-EOS_RATE_FLOOR = 0.5  # ... and below this absolute rate
+# eos_collapse: answers that mostly ran into max_new_tokens from the start (sky_red: 12 % ended at 24 tokens)
+# have no stopping habit to lose, and one batch of 32 answers is noisy, so the fall must last.
+EOS_FIRST_MIN = 0.3  # the first EOS rate must be at least this ...
+EOS_DROP_FRACTION = 0.5  # ... and the rate below this fraction of it ...
+EOS_RATE_FLOOR = 0.5  # ... and below this absolute rate ...
+EOS_STREAK = 3  # ... for this many iterations in a row
 # value_ev_negative: the critic gets a warm-up before its explained variance is judged.
 VALUE_EV_WARMUP = 5  # iterations ignored
 VALUE_EV_STREAK = 5  # iterations in a row with explained variance < 0 after the warm-up
@@ -169,8 +172,10 @@ class HealthMonitor:
         if rate is None:
             return None
         first = self.first["rollout/eos_rate"]
-        if rate < EOS_DROP_FRACTION * first and rate < EOS_RATE_FLOOR:
-            return f"rollout/eos_rate = {rate:.2f} at iteration {it} (was {first:.2f} at the start)"
+        low = first >= EOS_FIRST_MIN and rate < EOS_DROP_FRACTION * first and rate < EOS_RATE_FLOOR
+        if self._streak("eos_collapse", low) >= EOS_STREAK:
+            return (f"rollout/eos_rate = {rate:.2f} at iteration {it}, below half its start ({first:.2f}) "
+                    f"for {EOS_STREAK} iterations in a row")
         return None
 
     def _value_ev_negative(self, row: dict, it: int) -> str | None:

@@ -49,8 +49,8 @@ def test_clean_stream_fires_nothing():
         ({3: {"objective/kl": -0.01}, **{i: {"objective/kl": -0.01} for i in (6, 7, 8)}}, ("negative_kl", 8)),
         ({7: {"policy/ratio_max": 250.0}}, ("ratio_blowup", 7)),
         ({5: {"policy/ratio_mean": 1.35}}, ("ratio_blowup", 5)),
-        # 0.9 -> 0.5 is not below 0.5; 0.4 is below both half the first value (0.45) and 0.5
-        ({6: {"rollout/eos_rate": 0.5}, **{i: {"rollout/eos_rate": 0.4} for i in range(8, 13)}}, ("eos_collapse", 8)),
+        # 0.9 -> 0.5 is not below 0.5; 0.4 is below both half the first value (0.45) and 0.5; third in a row: 10
+        ({6: {"rollout/eos_rate": 0.5}, **{i: {"rollout/eos_rate": 0.4} for i in range(8, 13)}}, ("eos_collapse", 10)),
         # negative from 6 on: the fifth negative iteration after the warm-up is 10
         ({i: {"value/explained_variance": -0.2} for i in range(6, 13)}, ("value_ev_negative", 10)),
         # 0.79 at iteration 1; <= 0.553 is a 30% fall
@@ -61,6 +61,16 @@ def test_clean_stream_fires_nothing():
 )
 def test_alarm_fires_once_at_the_right_iteration(changes, expected):
     assert fired(with_changes(changes)) == [expected]
+
+
+@pytest.mark.parametrize(
+    "rates",
+    [{1: 0.12, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0},  # answers mostly truncated from the start: nothing to lose
+     {5: 0.2, 6: 0.2, 7: 0.9, 9: 0.1}],  # dips shorter than three iterations: sampling noise
+    ids=["rarely-stopped-at-start", "short-dips"],
+)
+def test_eos_collapse_ignores_noise_and_runs_that_never_stopped(rates):
+    assert fired(with_changes({i: {"rollout/eos_rate": r} for i, r in rates.items()})) == []
 
 
 def test_edit_leaking_ignores_groups_that_should_move():
