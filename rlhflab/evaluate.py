@@ -8,7 +8,7 @@ answers and measures (per side, on that side's own samples; T = the probe temper
     reward_mean    mean behaviour reward
     kl_k1, kl_k3   mean over answers of Σ_t k(log π_side,T(y_t) − log π_ref,T(y_t)): the sequence KL to the
                    reference (k1 = log-ratio, k3 = (r − 1) − log r ≥ 0). The side's log-probs come from its sampling
-                   pass, the reference's from a forward pass (`models.forward_response`); the reference's KL
+                   pass, the reference's from a forward pass (`rollout.forward_answers`); the reference's KL
                    to itself is exactly 0 (one tensor on both sides).
     entropy        mean per-token entropy of the side's own model at T (nats/token)
     nll_reference  mean per-token −log π_ref,T(y_t) of the answers: a fluency proxy, how unlike the reference's
@@ -41,8 +41,7 @@ from rlhflab.config import validated
 from rlhflab.data import Prompt, render_prompt
 from rlhflab.diversity import distinct_n, self_bleu
 from rlhflab.errors import UserError
-from rlhflab.models import forward_response
-from rlhflab.rollout import Generation, generate
+from rlhflab.rollout import Generation, forward_answers, generate
 
 SIDES = ("policy", "reference")
 GENERATION_BATCH = 32  # answers per `generate` call
@@ -120,24 +119,6 @@ def load_probes(path: str | Path) -> Probes:
 
 # ---------------------------------------------------------------------------------------------------
 # evaluation
-
-
-def _reference_logprobs(
-    gen: Generation,
-    reference: nn.Module,
-    reference_context: Callable[[], AbstractContextManager],
-    temperature: float,
-) -> torch.Tensor:
-    """Per-token log π_ref,T of a side's answers from forward passes of the reference: (B, T), zero after each
-    answer's first EOS."""
-    B, T = gen.response_ids.shape
-    ref_logprobs = torch.zeros(B, T, device=gen.response_ids.device)
-    for start in range(0, B, FORWARD_BATCH):
-        s = slice(start, start + FORWARD_BATCH)
-        i, a, t = gen.trimmed(s)
-        with reference_context():
-            ref_logprobs[s, :t] = forward_response(reference, i, a, t, temperature).logprobs
-    return ref_logprobs * gen.response_mask
 
 
 def _side_metrics(
@@ -227,8 +208,10 @@ def evaluate(
                            batch_size=GENERATION_BATCH)
         rewards = reward(shown, gen.texts, [{} for _ in texts])
         # the side's own log-probs come from its sampling pass; the reference's own answers need no second model
-        ref_logprobs = gen.logprobs if side == "reference" else _reference_logprobs(
-            gen, reference, reference_context, probes.temperature)
+        ref_logprobs = gen.logprobs
+        if side != "reference":
+            with reference_context():
+                ref_logprobs, _ = forward_answers(gen, reference, probes.temperature, FORWARD_BATCH)
         for group, rows in rows_of.items():
             groups[group][side] = _side_metrics(gen, rows, rewards, gen.logprobs, gen.entropy, ref_logprobs)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rlhflab.models import forward_response
 from rlhflab.ppo_math import entropy_from_logits, logprobs_from_logits
 
 
@@ -84,18 +85,15 @@ def _prefill_unique_prompts(model: nn.Module, texts: list[str], enc: dict):
     repeats (samples per prompt), or None when all prompts differ. `generate` then runs only the last prompt
     token and the answer: the prompt forward is the costliest step of sampling several answers per prompt.
     """
-    first_row = {}
-    for i, text in enumerate(texts):
-        first_row.setdefault(text, i)
-    if len(first_row) == len(texts):
+    unique_of = {text: j for j, text in enumerate(dict.fromkeys(texts))}  # distinct prompts in order
+    if len(unique_of) == len(texts):
         return None
     device = enc["input_ids"].device
-    unique_rows = torch.tensor(list(first_row.values()), device=device)
-    row_of = {text: j for j, text in enumerate(first_row)}
+    unique_rows = torch.tensor([texts.index(text) for text in unique_of], device=device)  # (U,) first rows
     ids, mask = enc["input_ids"][unique_rows, :-1], enc["attention_mask"][unique_rows, :-1]  # (U, Q-1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True).past_key_values
-    cache.batch_select_indices(torch.tensor([row_of[t] for t in texts], device=device))  # (U, ...) -> (B, ...)
+    cache.batch_select_indices(torch.tensor([unique_of[t] for t in texts], device=device))  # (U, ...) -> (B, ...)
     return cache
 
 
@@ -140,9 +138,10 @@ def generate(
     parts = []
     step = batch_size or len(texts)
     for start in range(0, len(texts), step):
-        enc = tokenizer(texts[start : start + step], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = texts[start : start + step]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
-        cache = _prefill_unique_prompts(model, texts[start : start + step], enc)
+        cache = _prefill_unique_prompts(model, batch, enc)
         out = model.generate(**enc, generation_config=config, past_key_values=cache)
         q = enc["input_ids"].shape[1]
         response_ids = out.sequences[:, q:]  # (b, T)
@@ -177,3 +176,31 @@ def generate(
     values = cat(5, 0.0, left=False) * mask if value_head is not None else None
     texts_out = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return Generation(query_ids, query_mask, response_ids, mask, has_eos, logprobs, entropy, values, texts_out)
+
+
+@torch.no_grad()
+def forward_answers(
+    gen: Generation,
+    model: nn.Module,
+    temperature: float,
+    batch_size: int | None = None,
+    value_head: nn.Module | None = None,
+    with_logits: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs (and values, with a value head) of a generation's answers under `model`, from forward passes
+    over `batch_size` rows at a time with all-padding columns trimmed: the reference's log-probs, a separate
+    critic's values. Returns ((B, T) log-probs or None, (B, T) values or None), zero after each first EOS.
+    """
+    B, T = gen.response_ids.shape
+    mask = gen.response_mask
+    logprobs = mask.new_zeros(B, T) if with_logits else None
+    values = mask.new_zeros(B, T) if value_head is not None else None
+    step = batch_size or B
+    for s in (slice(i, i + step) for i in range(0, B, step)):
+        i, a, t = gen.trimmed(s)
+        out = forward_response(model, i, a, t, temperature, value_head, with_logits=with_logits)
+        if logprobs is not None:
+            logprobs[s, :t] = out.logprobs
+        if values is not None:
+            values[s, :t] = out.values
+    return (logprobs * mask if logprobs is not None else None), (values * mask if values is not None else None)

@@ -30,7 +30,7 @@ from rlhflab.errors import UserError
 from rlhflab.models import (
     ValueHead, add_lora, forward_response, load_causal_lm, load_tokenizer, pick_device, pick_dtype,
 )
-from rlhflab.rollout import Rollout, generate
+from rlhflab.rollout import Rollout, forward_answers, generate
 from rlhflab.tracking import Tracker, truncate_jsonl
 
 RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
@@ -134,24 +134,16 @@ class PPOTrainer:
     # -----------------------------------------------------------------------------------------------
     # stages 1-4: experience
 
-    @torch.no_grad()
     def _score_forwards(self, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Reference log-probs, and separate-critic values, in rollout-sized batches with padding trimmed."""
         c = self.config
-        B, T = gen.response_ids.shape
-        ref_logprobs = torch.zeros(B, T, device=self.device)
-        values = gen.values if self.critic is None else torch.zeros(B, T, device=self.device)
-        step = c.rollout.generation_batch_size or B
-        for s in (slice(i, i + step) for i in range(0, B, step)):
-            i, a, t = gen.trimmed(s)
-            with self._reference_context():
-                ref_logprobs[s, :t] = forward_response(self.ref_model or self.policy, i, a, t,
-                                                       c.rollout.temperature).logprobs
-            if self.critic is not None:
-                values[s, :t] = forward_response(self.critic, i, a, t, c.rollout.temperature, self.value_head,
-                                                 with_logits=False).values
-        mask = gen.response_mask
-        return ref_logprobs * mask, (values * mask if values is not None else None)
+        step, temperature = c.rollout.generation_batch_size, c.rollout.temperature
+        with self._reference_context():
+            ref_logprobs, _ = forward_answers(gen, self.ref_model or self.policy, temperature, step)
+        values = gen.values  # a head on the policy trunk read them during sampling
+        if self.critic is not None:
+            _, values = forward_answers(gen, self.critic, temperature, step, self.value_head, with_logits=False)
+        return ref_logprobs, values
 
     def _normalize_scores(self, scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         r = self.config.reward
