@@ -14,20 +14,26 @@ import torch.nn.functional as F
 # log-probs, entropy, masked statistics
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # at temperature 1 skip the division: a pass over (B, T, 49k) and its backward, for nothing
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log π(token) under softmax(logits / temperature).
 
     logits (B, T, V), tokens (B, T) -> (B, T). The temperature must be the sampling temperature, or the
     log-probs describe another policy than the one that sampled (implementation detail 3).
     """
-    logits = logits.float() / temperature
+    logits = _tempered(logits, temperature)
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position: (B, T, V) -> (B, T)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = F.log_softmax(_tempered(logits, temperature), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -66,28 +66,32 @@ def test_embedded_model_forward():
     assert lp.mean().item() > -2.5  # a coherent answer is likely under the model (random would be ≈ −10.8)
 
 
-def test_shared_prefix_forward_matches_plain_forward_and_gradients():
-    """Running the common prompt prefix once gives the same log-probs, values and gradients."""
+@pytest.mark.parametrize("pack_tokens", [256, 8])  # one packed row; one row per segment
+def test_packed_forward_matches_plain_forward_and_gradients(monkeypatch, pack_tokens):
+    """Packing rows (shared prompt prefix once, no padding) gives the same log-probs, values and gradients."""
+    from rlhflab import models
     from rlhflab.models import shared_prefix_len
 
+    monkeypatch.setattr(models, "PACK_TOKENS", pack_tokens)
     tok = load_tokenizer("tiny")
     model = load_causal_lm("tiny", CPU, torch.float32)
     head = ValueHead(model.config.hidden_size)
     torch.nn.init.normal_(head.net[-1].weight)
-    prompts = ["<|im_start|>system\nbe brief<|im_end|>\nhi", "<|im_start|>system\nbe brief<|im_end|>\nhello you"]
-    answers = [" there<|im_end|>", " x"]
+    system = "<|im_start|>system\nbe brief<|im_end|>\n"
+    prompts = [system + "hi", system + "hello you", system + "hey"]
+    answers = [" there<|im_end|>", " x", " a b c d<|im_end|>"]
     q = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     tok.padding_side = "right"
     r = tok(answers, padding=True, return_tensors="pt", add_special_tokens=False)
     ids = torch.cat([q.input_ids, r.input_ids], 1)
     mask = torch.cat([q.attention_mask, r.attention_mask], 1)
     T = r.input_ids.shape[1]
-    assert shared_prefix_len(ids, mask, T) == len(tok("<|im_start|>system\nbe brief<|im_end|>\nh").input_ids)
+    assert shared_prefix_len(ids, mask, T) == len(tok(system + "h").input_ids)
 
-    def run(share):
+    def run(pack):
         model.zero_grad()
         head.zero_grad()
-        out = forward_response(model, ids, mask, T, 0.8, head, share_prefix=share)
+        out = forward_response(model, ids, mask, T, 0.8, head, pack=pack)
         real = r.attention_mask.float()
         ((out.logprobs * real).sum() + (out.values * real).sum()).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -107,3 +111,24 @@ def test_building_a_cached_model_leaves_the_random_stream_alone(tmp_path, monkey
     torch.manual_seed(123)
     resolve_model_dir("tiny")  # builds the tiny model into the empty cache (seeds its own init)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_in_place_lookup_gradient_equals_autograd_for_tied_embeddings():
+    """Full fine-tuning with tied embeddings: the in-place lookup gradient gives autograd's exact gradients,
+    accumulated over two backward passes as gradient accumulation does."""
+    from rlhflab.models import add_lookup_grad_in_place
+
+    tok = load_tokenizer("tiny")
+    ids = tok(["hello there you", "a b c d e f"], padding=True, return_tensors="pt", add_special_tokens=False)
+    plain = load_causal_lm("tiny", CPU, torch.float32)
+    hooked = load_causal_lm("tiny", CPU, torch.float32)
+    assert plain.get_input_embeddings().weight is plain.get_output_embeddings().weight
+    add_lookup_grad_in_place(hooked.get_input_embeddings())
+    for model in (plain, hooked):
+        for _ in range(2):
+            out = forward_response(model, ids.input_ids, ids.attention_mask, 3, 1.0)
+            out.logprobs.sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), hooked.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    with torch.no_grad():  # no hook work without gradients
+        assert not forward_response(hooked, ids.input_ids, ids.attention_mask, 3, 1.0).logprobs.requires_grad
