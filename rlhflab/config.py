@@ -50,6 +50,8 @@ class ModelConfig(_Section):
     """Value model: a separate copy of the policy with a value head, or a value head on the policy trunk."""
     value_head: Literal["linear", "mlp"] = "linear"
     """Value head: one zero-initialised linear layer, or Linear→tanh→Linear (last layer zero-initialised)."""
+    critic_init: str | None = None
+    """Reward model dir (`rlhflab rm train`) whose trunk and head start the separate critic (None: zero head)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Parameter dtype: auto = float32 on CPU (no fast bf16 there), bfloat16 on GPU."""
     device: str = "auto"
@@ -236,6 +238,12 @@ class Config(_Section):
             raise ValueError(
                 f"ppo.minibatch_size {mb} is not a multiple of ppo.micro_batch_size {micro}; pick a divisor of {mb}"
             )
+        if self.model.critic_init is not None and not (self.uses_critic and self.model.critic == "separate"
+                                                        and self.model.value_head == "linear"):
+            raise ValueError(
+                "model.critic_init needs a separate critic with a linear value head: set model.critic=separate, "
+                "model.value_head=linear and ppo.advantage_estimator=gae, or drop model.critic_init"
+            )
         if self.ppo.advantage_estimator in ("rloo", "grpo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 f"ppo.advantage_estimator={self.ppo.advantage_estimator} needs rollout.samples_per_prompt ≥ 2"
@@ -345,6 +353,7 @@ def resolve_paths(config: Config, base: Path) -> Config:
 
     config.data.prompts = fix(config.data.prompts) or ""
     config.eval.probes = fix(config.eval.probes)
+    config.model.critic_init = fix(config.model.critic_init)
     name = config.model.name
     if (base / name).exists():
         config.model.name = str((base / name).resolve())

@@ -309,9 +309,8 @@ def forward_response(
     row starts with (a chat template's system prompt) run once: the same result for less work.
     """
     trunk, lm_head = trunk_and_head(model)
-    if pack and len(input_ids) > 1:
-        hidden = _packed_response_states(trunk, input_ids, attention_mask, response_len)
-    else:
+    hidden = _packed_response_states(trunk, input_ids, attention_mask, response_len) if pack else None
+    if hidden is None:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         hidden = hidden[:, -response_len - 1 : -1]  # (B, T, H): the states that predict each response token
@@ -344,6 +343,9 @@ def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor, res
 # Tokens per packed row. Attention over a packed row costs O(length²), mostly on masked pairs: at 256 it is
 # ~8 % of a SmolLM2 layer's matmul work, against the 20-30 % of tokens that packing saves.
 PACK_TOKENS = 256
+# Pack only when it leaves at most this share of the padded batch's tokens: with no shared prefix and
+# little padding, the wider masked attention of packed rows costs more than the tokens it saves.
+PACK_WHEN_TOKENS_AT_MOST = 0.8
 
 
 def _packed_response_states(trunk, input_ids, attention_mask, response_len: int) -> torch.Tensor:
@@ -354,9 +356,12 @@ def _packed_response_states(trunk, input_ids, attention_mask, response_len: int)
     rows' remaining real tokens ("segments") as fit in PACK_TOKENS. A block mask lets each segment attend to
     the prefix and causally to itself, and position ids continue from the prefix, so every state equals the
     unpacked one (gradients included) while padding and repeated prefixes cost nothing.
-    -> (B, T, H); states at an answer's padding positions are arbitrary (callers mask them).
+    -> (B, T, H); states at an answer's padding positions are arbitrary (callers mask them); None when
+    packing would not save enough tokens (see PACK_WHEN_TOKENS_AT_MOST).
     """
     B, L = input_ids.shape
+    if B < 2:
+        return None
     T, device = response_len, input_ids.device
     P = shared_prefix_len(input_ids, attention_mask, T)
     real = attention_mask.bool()
@@ -374,6 +379,8 @@ def _packed_response_states(trunk, input_ids, attention_mask, response_len: int)
         where.append((len(bins) - 1, used))
         bins[-1].append(b)
         used += len(s)
+    if len(bins) * P + sum(len(s) for s in segments) > PACK_WHEN_TOKENS_AT_MOST * B * L:
+        return None
     width = max(P + sum(len(segments[b]) for b in rows) for rows in bins)
     prefix = input_ids[0, first[0] : first[0] + P]
     ids = input_ids.new_full((len(bins), width), 0)

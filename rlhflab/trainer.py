@@ -28,7 +28,8 @@ from rlhflab.config import Config
 from rlhflab.data import PromptSampler, load_prompts, render_prompt, resolve_prompt_format
 from rlhflab.errors import UserError
 from rlhflab.models import (
-    ValueHead, add_lookup_grad_in_place, add_lora, forward_response, load_causal_lm, load_tokenizer, pick_device, pick_dtype,
+    ValueHead, add_lookup_grad_in_place, add_lora, forward_response, load_causal_lm, load_tokenizer, pick_device,
+    pick_dtype,
 )
 from rlhflab.rollout import Rollout, forward_answers, generate
 from rlhflab.tracking import Tracker, truncate_jsonl
@@ -100,10 +101,31 @@ class PPOTrainer:
         head = ValueHead(hidden, c.model.value_head).to(self.device)
         if c.model.critic == "shared":
             return head, None
-        critic = load_causal_lm(c.model.name, self.device, self.dtype)
+        if c.model.critic_init is not None:
+            critic = self._critic_from_reward_model(c.model.critic_init, head)
+        else:
+            critic = load_causal_lm(c.model.name, self.device, self.dtype)
         if c.model.lora.enabled:
             critic = add_lora(critic, c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules)
         return head, critic
+
+    def _critic_from_reward_model(self, rm_dir: str, head: ValueHead) -> nn.Module:
+        """The critic as the reward model: its trunk, and its normalised head as the value head, so V(s_t)
+        starts as the RM's score of the text up to t (an implementation detail of OpenRLHF and the N+
+        details); the values then learn the KL-shaped return from there."""
+        from rlhflab.reward_model import load_reward_model
+
+        rm = load_reward_model(rm_dir, device=str(self.device))
+        trunk = rm.model.backbone
+        critic = trunk if hasattr(trunk, "get_decoder") else None
+        if critic is None or critic.config.hidden_size != self.policy.config.hidden_size:
+            raise UserError(f"model.critic_init={rm_dir}: the reward model must be a causal-LM reward model with "
+                            f"hidden size {self.policy.config.hidden_size} (the policy's); train it with "
+                            "`rlhflab rm train --base` set to the policy's model")
+        with torch.no_grad():
+            head.net[0].weight.copy_(rm.model.head.linear.weight)
+            head.net[0].bias.copy_(rm.model.head.linear.bias)
+        return critic.train().requires_grad_(True)
 
     def _policy_params(self) -> list[nn.Parameter]:
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -73,6 +73,7 @@ def test_packed_forward_matches_plain_forward_and_gradients(monkeypatch, pack_to
     from rlhflab.models import shared_prefix_len
 
     monkeypatch.setattr(models, "PACK_TOKENS", pack_tokens)
+    monkeypatch.setattr(models, "PACK_WHEN_TOKENS_AT_MOST", 1.0)  # pack even where it saves little
     tok = load_tokenizer("tiny")
     model = load_causal_lm("tiny", CPU, torch.float32)
     head = ValueHead(model.config.hidden_size)
@@ -98,6 +99,8 @@ def test_packed_forward_matches_plain_forward_and_gradients(monkeypatch, pack_to
         return out.logprobs * real, out.values * real, grads
 
     lp_a, v_a, g_a = run(False)
+    trunk = models.trunk_and_head(model)[0]
+    assert models._packed_response_states(trunk, ids, mask, T) is not None  # the packed path runs
     lp_b, v_b, g_b = run(True)
     assert torch.allclose(lp_a, lp_b, atol=1e-5)
     assert torch.allclose(v_a, v_b, atol=1e-5)
@@ -132,3 +135,15 @@ def test_in_place_lookup_gradient_equals_autograd_for_tied_embeddings():
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
     with torch.no_grad():  # no hook work without gradients
         assert not forward_response(hooked, ids.input_ids, ids.attention_mask, 3, 1.0).logprobs.requires_grad
+
+
+def test_packing_is_skipped_when_it_saves_little():
+    """Rows of equal length with no common prefix: packing would only widen attention."""
+    from rlhflab import models
+
+    tok = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", CPU, torch.float32)
+    enc = tok(["alpha beta", "gamma delta"], return_tensors="pt", add_special_tokens=False, padding=True)
+    assert enc.attention_mask.sum() >= 0.8 * enc.attention_mask.numel()
+    trunk = models.trunk_and_head(model)[0]
+    assert models._packed_response_states(trunk, enc.input_ids, enc.attention_mask, 1) is None

@@ -199,3 +199,42 @@ def test_architectures_without_a_sequence_classifier_save_a_causal_lm_and_a_head
     scores = load_reward_model(tmp_path / "rm")(prompts, answers)
     assert statistics.fmean(scores) == pytest.approx(0.0, abs=1e-4)
     assert statistics.pstdev(scores) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_critic_starts_as_the_reward_model(toy_rm, tmp_path):
+    """model.critic_init: the critic's value at an answer's last token is the RM's normalised score of it."""
+    from rlhflab.config import Config
+    from rlhflab.rollout import Generation
+    from rlhflab.trainer import PPOTrainer
+
+    root, _ = toy_rm
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Review 1:\nReview 2:\n")
+    config = Config.model_validate({
+        "model": {"name": "tiny", "prompt_format": "plain", "critic_init": str(root / "rm")},
+        "data": {"prompts": str(prompts)}, "rollout": {"prompts_per_iteration": 2, "max_new_tokens": 4},
+        "ppo": {"minibatch_size": 2}, "reward": {"spec": "length"}, "eval": {"report": False},
+    })
+    trainer = PPOTrainer(config, tmp_path / "run")
+    rm = load_reward_model(root / "rm")
+    answers = [" the cast was good", " the cast was bad"]
+    tok = trainer.tokenizer
+    tok.padding_side = "left"
+    q = tok(["Review 9:"] * 2, return_tensors="pt", add_special_tokens=False)
+    tok.padding_side = "right"
+    r = tok([a + tok.eos_token for a in answers], return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = "left"
+    mask = r.attention_mask.float()
+    gen = Generation(q.input_ids, q.attention_mask, r.input_ids, mask, torch.ones(2, dtype=torch.bool),
+                     None, None, None, answers)
+    _, values = trainer._score_forwards(gen)
+    last = mask.sum(1).long() - 1
+    # V at the EOS position predicts from the text before the EOS; the RM reads the EOS itself
+    v_before_eos = values[torch.arange(2), last]
+    enc = rm.tokenizer(["Review 9:" + a for a in answers], return_tensors="pt", padding=True, add_special_tokens=False)
+    scores = rm.model(enc["input_ids"], enc["attention_mask"])
+    assert torch.allclose(v_before_eos, scores, atol=1e-4)
+    assert v_before_eos[0] > v_before_eos[1]  # it already prefers "good"
+    bad = config.model_copy(update={"model": config.model.model_copy(update={"critic": "shared"})})
+    with pytest.raises(ValueError, match="critic_init"):
+        Config.model_validate(bad.model_dump())
