@@ -116,9 +116,8 @@ class PPOTrainer:
         from rlhflab.reward_model import load_reward_model
 
         rm = load_reward_model(rm_dir, device=str(self.device))
-        trunk = rm.model.backbone
-        critic = trunk if hasattr(trunk, "get_decoder") else None
-        if critic is None or critic.config.hidden_size != self.policy.config.hidden_size:
+        critic = rm.model.backbone
+        if not hasattr(critic, "get_decoder") or critic.config.hidden_size != self.policy.config.hidden_size:
             raise UserError(f"model.critic_init={rm_dir}: the reward model must be a causal-LM reward model with "
                             f"hidden size {self.policy.config.hidden_size} (the policy's); train it with "
                             "`rlhflab rm train --base` set to the policy's model")
