@@ -8,6 +8,7 @@ Hugging Face directory, a `.gguf` file, or a hub id (online only).
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -46,11 +47,27 @@ def cache_dir() -> Path:
 
 
 def pick_device(spec: str = "auto") -> torch.device:
-    if spec != "auto":
-        return torch.device(spec)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    device = torch.device(spec if spec != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc reuse freed memory instead of returning it to the kernel.
+
+    By default glibc serves every allocation above 32 MB (gradients, the 49k-vocabulary logits, the LM-head
+    weight gradient) with a fresh mmap and unmaps it on free, so each training step page-faults its large
+    buffers in again: measured 9 % of a full-fine-tuning PPO iteration (bench/sky_red_speed.py, 31.2 → 28.5 s).
+    With mmap off and trimming off, freed blocks stay in the heap for the next step; peak RSS is unchanged.
+    No-op on a C library without mallopt (macOS, musl)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value mallopt takes (an int)
 
 
 def pick_dtype(spec: str, device: torch.device) -> torch.dtype:

@@ -3,6 +3,7 @@ reference through `reference_context`, repeatability, and one-line errors for ba
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,19 @@ def test_shipped_probe_file_loads():
     heldout = set((RECIPES / "data" / "sky_heldout.txt").read_text().splitlines())
     assert set(probes.groups["trained"]) <= train
     assert set(probes.groups["heldout_sky"]) <= heldout and not heldout & train
+
+
+def test_sky_heldout_prompts_share_no_four_words_with_training():
+    """The held-out claim of recipes/data/README.md: no 4-word sequence in common, and no 'red' anywhere."""
+    def four_grams(line: str) -> set[tuple[str, ...]]:
+        words = re.findall(r"[a-z']+", line.lower())
+        return {tuple(words[i : i + 4]) for i in range(len(words) - 3)}
+
+    train = (RECIPES / "data" / "sky_train.txt").read_text().splitlines()
+    heldout = (RECIPES / "data" / "sky_heldout.txt").read_text().splitlines()
+    train_grams = set().union(*map(four_grams, train))
+    assert [line for line in heldout if four_grams(line) & train_grams] == []
+    assert [line for line in train + heldout if "red" in line.lower()] == []
 
 
 @pytest.mark.parametrize(

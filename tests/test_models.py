@@ -1,12 +1,14 @@
 """Model specs, tokenizer set-up, padding invariance, and one forward of the embedded model."""
 
+import ctypes
+
 import pytest
 import torch
 
 from rlhflab.data import Prompt, render_prompt
 from rlhflab.errors import UserError
 from rlhflab.models import (
-    EMBEDDED, ValueHead, forward_response, load_causal_lm, load_tokenizer, resolve_model_dir,
+    EMBEDDED, ValueHead, forward_response, keep_freed_memory, load_causal_lm, load_tokenizer, resolve_model_dir,
 )
 
 CPU = torch.device("cpu")
@@ -147,3 +149,23 @@ def test_packing_is_skipped_when_it_saves_little():
     assert enc.attention_mask.sum() >= 0.8 * enc.attention_mask.numel()
     trunk = models.trunk_and_head(model)[0]
     assert models._packed_response_states(trunk, enc.input_ids, enc.attention_mask, 1) is None
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def test_freed_large_buffers_stay_in_the_heap():
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    libc.mallinfo2.restype = _MallInfo2
+    keep_freed_memory()
+    size = 64 * 2**20  # above glibc's largest mmap threshold (32 MB): mmapped, then unmapped, by default
+    mapped_before = libc.mallinfo2().hblkhd
+    x = torch.ones(size // 4)
+    assert libc.mallinfo2().hblkhd - mapped_before < size  # served from the heap, not a fresh mmap
+    del x
+    assert libc.mallinfo2().fordblks >= size  # freed, and kept for the next step rather than returned
