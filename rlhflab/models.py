@@ -58,7 +58,7 @@ def keep_freed_memory() -> None:
 
     By default glibc serves every allocation above 32 MB (gradients, the 49k-vocabulary logits, the LM-head
     weight gradient) with a fresh mmap and unmaps it on free, so each training step page-faults its large
-    buffers in again: measured 9 % of a full-fine-tuning PPO iteration (bench/sky_red_speed.py, 31.2 → 28.5 s).
+    buffers in again: measured 9 % of a full-fine-tuning PPO iteration (bench/sky_red_speed.py, 31.2 → 28.1 s).
     With mmap off and trimming off, freed blocks stay in the heap for the next step; peak RSS is unchanged.
     No-op on a C library without mallopt (macOS, musl)."""
     try:

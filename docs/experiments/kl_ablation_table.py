@@ -9,17 +9,19 @@ of words that VADER's lexicon scores positive, and the share of answers that rep
 """
 
 import json
-import re
 import sys
 from pathlib import Path
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from rlhflab.diversity import tokenize
+
 LEXICON = SentimentIntensityAnalyzer().lexicon
 
 
 def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
+    """The word tokens of distinct-n, punctuation dropped ("beautiful, beautiful" doubles a word)."""
+    return [t for t in tokenize(text) if t[0].isalnum()]
 
 
 def word_signs(answers: list[str]) -> tuple[float, float]:
