@@ -180,8 +180,9 @@ def test_positive_reviews_recipe_matches_seed_001():
 
 def test_shipped_sweeps_validate():
     _, runs = plan_runs(ROOT / "sweeps" / "kl_ablation.yaml")
-    assert len(runs) == 4 and {r.config.ppo.kl_coef for r in runs} == {0, 0.05}
+    assert len(runs) == 8 and {r.config.ppo.kl_coef for r in runs} == {0, 0.01, 0.05, 0.1}
     assert all(r.config.train.learning_rate == 3e-3 and r.config.train.iterations == 24 for r in runs)
+    assert all(r.config.model.critic == "shared" and r.config.rollout.max_new_tokens == 32 for r in runs)
     assert {r.seed for r in runs} == {0, 1} and all(r.config.train.seed == r.seed for r in runs)
     _, runs = plan_runs(ROOT / "sweeps" / "baselines.yaml")
     assert [r.config.ppo.advantage_estimator for r in runs[:4]] == ["gae", "reinforce", "rloo", "grpo"]

@@ -4,12 +4,13 @@
 
 Per run: reward, KL, distinct-1/2 and entropy at the first iteration and over the last three, and two signs of
 answers degenerating into reward words, read from samples.jsonl (the first and last three iterations): the share
-of words that VADER's lexicon scores positive, and the share of answers that repeat a word back to back
-("special special").
+of words that VADER's lexicon scores positive, and the share of answers in which one positive word occurs three
+times or more ("love love fun love love").
 """
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -25,17 +26,18 @@ def words(text: str) -> list[str]:
 
 
 def word_signs(answers: list[str]) -> tuple[float, float]:
-    """(share of words VADER scores positive, share of answers with a word repeated back to back)."""
+    """(share of words VADER scores positive, share of answers with a positive word three or more times)."""
     all_words = [w for a in answers for w in words(a)]
     positive = sum(LEXICON.get(w, 0.0) > 0 for w in all_words) / max(len(all_words), 1)
-    repeats = sum(any(x == y for x, y in zip(ws, ws[1:])) for ws in map(words, answers)) / max(len(answers), 1)
+    counts = [Counter(w for w in words(a) if LEXICON.get(w, 0.0) > 0) for a in answers]
+    repeats = sum(max(c.values(), default=0) >= 3 for c in counts) / max(len(answers), 1)
     return positive, repeats
 
 
 def main(sweep_dir: Path) -> None:
     keys = ("objective/scores", "objective/kl", "diversity/distinct_1", "diversity/distinct_2", "objective/entropy")
     print("| β | seed | reward | KL (nats/answer) | distinct-1 | distinct-2 | distinct-2 change | entropy "
-          "| positive words | answers with a doubled word |")
+          "| positive words | answers repeating a positive word ≥ 3× |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in json.loads((sweep_dir / "sweep.json").read_text())["runs"]:
         rows = [json.loads(line) for line in open(sweep_dir / run["dir"] / "metrics.jsonl")]
