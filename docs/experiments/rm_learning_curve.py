@@ -6,7 +6,8 @@ of labelled pairs grows? (docs/rlhf.md, "How far can the embedded model's reward
 Generates `--pairs` pairs from the embedded model on the review openings (40 new tokens, T = 1, plain prompts,
 as recipes/rlhf_loop.yaml), labels them with the `vader` judge (margin 0), then reads each answer's
 hidden states once (layers 15, 22, 30: at the last token, which the reward model's head reads, and the mean over
-the answer's tokens) and fits L2-regularised logistic regression on chosen − rejected feature differences.
+the answer's tokens) and fits L2-regularised logistic regression on chosen − rejected feature differences, and
+on word-count differences (a bag of words, the feature family of VADER's lexicon).
 5-fold cross-validation split by opening; per fold the training pairs are cut to 300, 1000 and all. Prints the
 held-out agreement per feature, training size and regularisation. Re-running reuses OUT_DIR's pairs and features.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlhflab.diversity import tokenize
 from rlhflab.models import load_causal_lm, load_tokenizer, pick_device
 from rlhflab.prefs.generate import generate_pairs
 from rlhflab.prefs.judge import judge_pending
@@ -101,21 +103,28 @@ def main() -> None:
     prompt_of = np.array([r[0] for r in rows])
     prompts = sorted(set(prompt_of.tolist()))
     random.Random(0).shuffle(prompts)
-    for pooling in ("last", "mean"):
-        for k, layer in enumerate(LAYERS):
-            h = stored[pooling][:, k].astype(np.float64)
-            h = (h - h.mean(0)) / (h.std(0) + 1e-6)
-            diffs = (h[0::2] - h[1::2]) * sign[:, None]  # chosen − rejected
-            for n in (300, 1000, None):
-                cells = []
-                for lam in (1e-3, 1e-2, 1e-1):
-                    accs = []
-                    for fold in range(5):
-                        test = np.isin(prompt_of, prompts[fold::5])
-                        train = np.flatnonzero(~test)[:n]
-                        accs.append(((diffs[test] @ fit(diffs[train], lam)) > 0).mean())
-                    cells.append(f"λ {lam}: {np.mean(accs):.3f}")
-                print(f"{pooling} layer {layer}, {len(train)} training pairs per fold: held-out {', '.join(cells)}")
+    answers = [answer for _, _, a, b, _ in rows for answer in (a, b)]
+    vocab = {w: i for i, w in enumerate(sorted({w for answer in answers for w in tokenize(answer)}))}
+    counts = np.zeros((len(answers), len(vocab)))
+    for j, answer in enumerate(answers):
+        for w in tokenize(answer):
+            counts[j, vocab[w]] += 1
+    candidates = [(f"{pooling} layer {layer}", stored[pooling][:, k]) for pooling in ("last", "mean")
+                  for k, layer in enumerate(LAYERS)]
+    for name, h in candidates + [("bag of words", counts)]:  # word counts: the feature family VADER itself uses
+        h = h.astype(np.float64)
+        h = (h - h.mean(0)) / (h.std(0) + 1e-6)
+        diffs = (h[0::2] - h[1::2]) * sign[:, None]  # chosen − rejected
+        for n in (300, 1000, None):
+            cells = []
+            for lam in (1e-3, 1e-2, 1e-1):
+                accs = []
+                for fold in range(5):
+                    test = np.isin(prompt_of, prompts[fold::5])
+                    train = np.flatnonzero(~test)[:n]
+                    accs.append(((diffs[test] @ fit(diffs[train], lam)) > 0).mean())
+                cells.append(f"λ {lam}: {np.mean(accs):.3f}")
+            print(f"{name}, {len(train)} training pairs per fold: held-out {', '.join(cells)}")
 
 
 if __name__ == "__main__":
