@@ -7,7 +7,7 @@ Generates `--pairs` pairs from the embedded model on the review openings (40 new
 as recipes/rlhf_loop.yaml), labels them with the `vader` judge (margin 0), then reads each answer's
 hidden states once (layers 15, 22, 30: at the last token, which the reward model's head reads, and the mean over
 the answer's tokens) and fits L2-regularised logistic regression on chosen − rejected feature differences, and
-on word-count differences (a bag of words, the feature family of VADER's lexicon).
+on token-count differences (a bag of words and punctuation, the feature family of VADER's lexicon rules).
 5-fold cross-validation split by opening; per fold the training pairs are cut to 300, 1000 and all. Prints the
 held-out agreement per feature, training size and regularisation. Re-running reuses OUT_DIR's pairs and features.
 """
