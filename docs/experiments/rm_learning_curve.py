@@ -4,9 +4,9 @@ of labelled pairs grows? (docs/rlhf.md, "How far can the embedded model's reward
     python docs/experiments/rm_learning_curve.py OUT_DIR --pairs 3000      # ~22 min on the 2-core box
 
 Generates `--pairs` pairs from the embedded model on the review openings (40 new tokens, T = 1, plain prompts,
-as recipes/rlhf_loop.yaml), labels them with the `vader` judge (margin 0), then reads each answer's
-hidden states once (layers 15, 22, 30: at the last token, which the reward model's head reads, and the mean over
-the answer's tokens) and fits L2-regularised logistic regression on chosen − rejected feature differences, and
+as recipes/rlhf_loop.yaml), labels them with the `vader` judge (`--judge-margin`, default 0), then reads each
+answer's hidden states once (layers 15, 22, 30: at the last token, which the reward model's head reads, and
+the mean over the answer's tokens) and fits L2-regularised logistic regression on chosen − rejected feature differences, and
 on token-count differences (a bag of words and punctuation, the feature family of VADER's lexicon rules).
 5-fold cross-validation split by opening; per fold the training pairs are cut to 300, 1000 and all. Prints the
 held-out agreement per feature, training size and regularisation. Re-running reuses OUT_DIR's pairs and features.
@@ -81,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--pairs", type=int, default=3000)
+    parser.add_argument("--judge-margin", type=float, default=0.0, help="VADER scores this close are a tie")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     db, feature_file = args.out / "prefs.db", args.out / "features.npz"
@@ -91,7 +92,7 @@ def main() -> None:
             counts = generate_pairs(MODEL, ROOT / "recipes/data/review_openings.txt", store, missing,
                                     max_new_tokens=40, batch_size=64, prompt_format="plain", seed=0)
             print(f"generate: {counts} ({time.time() - start:.0f} s)")
-        print("judge:", judge_pending(store, build_reward("vader"), "judge:vader"))
+        print("judge:", judge_pending(store, build_reward("vader"), "judge:vader", margin=args.judge_margin))
     rows = sqlite3.connect(db).execute(DECIDED).fetchall()
     print(f"decided pairs: {len(rows)}")
     if not feature_file.exists():
