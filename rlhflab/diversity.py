@@ -24,6 +24,11 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN_RE.findall(text.lower())
 
 
+def words(text: str) -> list[str]:
+    """The word tokens of `tokenize`, punctuation dropped: `"Red, red!"` -> `["red", "red"]`."""
+    return [t for t in tokenize(text) if t[0].isalnum()]
+
+
 def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
     """All n-grams of one token list, in order (none if the list is shorter than n)."""
     return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]

@@ -151,7 +151,7 @@ def rm_text(tokenizer, prompt: str, completion: str, prompt_format: str) -> str:
     return render_prompt(Prompt(text=prompt), tokenizer, prompt_format) + completion + tokenizer.eos_token
 
 
-def _rm_tokenizer(spec: str):
+def rm_tokenizer(spec: str):
     from rlhflab.models import load_tokenizer
 
     tokenizer = load_tokenizer(spec)  # pad ≠ EOS (implementation detail 1)
@@ -330,7 +330,7 @@ def train_reward_model(
     torch.manual_seed(seed)
     dev = pick_device(device)
     dtype = pick_dtype("auto", dev)
-    tokenizer = _rm_tokenizer(base)
+    tokenizer = rm_tokenizer(base)
     fmt = resolve_prompt_format(tokenizer, prompt_format, base)
     backbone = load_causal_lm(base, dev, dtype)
     if lora:
@@ -539,7 +539,7 @@ class RewardModel:
         self.prompt_format = self.info["prompt_format"]
         dev = pick_device(device)
         dtype = pick_dtype("auto", dev)
-        self.tokenizer = _rm_tokenizer(str(self.dir))
+        self.tokenizer = rm_tokenizer(str(self.dir))
         if self.info["format"] == FORMAT_SEQ_CLS:
             from transformers import AutoModelForSequenceClassification
 

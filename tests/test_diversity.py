@@ -4,11 +4,15 @@ import math
 
 import pytest
 
-from rlhflab.diversity import distinct_n, self_bleu, sentence_bleu, tokenize
+from rlhflab.diversity import distinct_n, self_bleu, sentence_bleu, tokenize, words
 
 
 def test_tokenize_lowercases_and_splits_punctuation():
     assert tokenize("The sky is RED! Don't  panic.") == ["the", "sky", "is", "red", "!", "don't", "panic", "."]
+
+
+def test_words_drops_punctuation_tokens():
+    assert words("Beautiful, beautiful... Don't 2 panic!") == ["beautiful", "beautiful", "don't", "2", "panic"]
 
 
 def test_distinct_n_hand_values():

@@ -15,14 +15,9 @@ from pathlib import Path
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rlhflab.diversity import tokenize
+from rlhflab.diversity import words
 
 LEXICON = SentimentIntensityAnalyzer().lexicon
-
-
-def words(text: str) -> list[str]:
-    """The word tokens of distinct-n, punctuation dropped ("beautiful, beautiful" doubles a word)."""
-    return [t for t in tokenize(text) if t[0].isalnum()]
 
 
 def word_signs(answers: list[str]) -> tuple[float, float]:

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from rlhflab.diversity import tokenize
-from rlhflab.models import load_causal_lm, load_tokenizer, pick_device
+from rlhflab.models import load_causal_lm, pick_device
 from rlhflab.prefs.generate import generate_pairs
 from rlhflab.prefs.judge import judge_pending
 from rlhflab.prefs.store import PreferenceStore
+from rlhflab.reward_model import last_real_index, rm_text, rm_tokenizer
 from rlhflab.rewards import build_reward
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,24 +39,22 @@ DECIDED = """SELECT p.prompt_id, pr.text, ra.text, rb.text, c.choice FROM compar
 
 
 def features(texts: list[tuple[str, str]], batch_size: int = 32) -> dict[str, np.ndarray]:
-    """(N, len(LAYERS), H) hidden states of `prompt + answer + EOS`: at the last token, and averaged over the answer."""
-    tokenizer = load_tokenizer(MODEL)
+    """(N, len(LAYERS), H) hidden states of the reward model's input (`rm_text`): at the last real token, which
+    its head reads, and averaged over the answer's tokens."""
+    tokenizer = rm_tokenizer(MODEL)
     lm = load_causal_lm(MODEL, pick_device("cpu"), torch.float32).eval()
     last, mean = [], []
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
-            prompt_lens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p, _ in chunk]
-            seqs = [tokenizer(p + a + tokenizer.eos_token, add_special_tokens=False)["input_ids"][-128:] for p, a in chunk]
-            ids = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_token_id)
-            mask = torch.zeros_like(ids)
-            answer = torch.zeros(ids.shape)
-            for j, (seq, q) in enumerate(zip(seqs, prompt_lens)):
-                ids[j, : len(seq)], mask[j, : len(seq)] = torch.tensor(seq), 1
-                answer[j, min(q, len(seq) - 1) : len(seq)] = 1
-            hidden = lm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            ends = mask.sum(1) - 1
-            last.append(torch.stack([hidden[l][torch.arange(len(seqs)), ends] for l in LAYERS], 1).numpy())
+            enc = tokenizer([rm_text(tokenizer, p, a, "plain") for p, a in chunk], return_tensors="pt", padding=True,
+                            truncation=True, max_length=128, add_special_tokens=False)
+            ends = last_real_index(enc["attention_mask"])  # (B,)
+            starts = torch.tensor([len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p, _ in chunk])
+            positions = torch.arange(enc["input_ids"].shape[1])
+            answer = ((positions >= starts.clamp(max=ends)[:, None]) & (positions <= ends[:, None])).float()  # (B, L)
+            hidden = lm(**enc, output_hidden_states=True).hidden_states
+            last.append(torch.stack([hidden[l][torch.arange(len(chunk)), ends] for l in LAYERS], 1).numpy())
             mean.append(torch.stack([(hidden[l] * answer[..., None]).sum(1) / answer.sum(1, keepdim=True)
                                      for l in LAYERS], 1).numpy())
     return {"last": np.concatenate(last), "mean": np.concatenate(mean)}
