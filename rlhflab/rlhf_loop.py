@@ -7,7 +7,8 @@ Round r (policy π_r: the recipe's model for r = 1, else RUN/round_{r-1}/ppo/fin
   2. label     the `judge` reward spec labels every pending pair (labeler "judge:SPEC"); with no judge the
                loop stops and asks for `rlhflab prefs label`, and a re-run continues once every pair has a label
   3. RM        a reward model trained from the base on every decided pair so far → RUN/round_r/rm, normalised so
-               π_r's answers of this round score mean 0, std 1 (π_r is PPO's reference in step 4)
+               π_r's answers of this round (up to rm.calibration_samples of them) score mean 0, std 1 (π_r is
+               PPO's reference in step 4)
   4. PPO       the PPO recipe with `reward.spec = model:RUN/round_r/rm`, `model.name = π_r` → RUN/round_r/ppo
                (its own metrics, checkpoints, report and final/)
   5. measure   the judge's mean score on `heldout_prompts` before (π_r) and after (π_{r+1}): answers sampled
@@ -26,6 +27,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -56,6 +58,8 @@ class RMSettings(_Section):
     """Share of pairs (whole prompts) held out to measure accuracy."""
     max_length: int = Field(256, ge=2)
     """Longest RM input in tokens (prompt + answer + EOS); longer inputs lose their start."""
+    calibration_samples: int = Field(512, ge=2)
+    """Answers of the round's policy (a seeded sample) the mean-0/std-1 normalisation is fitted on."""
 
 
 class LoopConfig(_Section):
@@ -193,6 +197,9 @@ def run_loop(loop_yaml: str | Path, out_dir: str | Path, *, quiet: bool = False)
                     return {**summary, "waiting_for_labels": pending}
             reference_answers = [(pair.prompt.text, text) for pair in _generated_by(store, policy)
                                  for text in (pair.a.text, pair.b.text)]
+        # 512 answers pin the mean and std to a few per cent; scoring all of a large round costs minutes
+        if len(reference_answers) > loop.rm.calibration_samples:
+            reference_answers = random.Random(loop.seed + r).sample(reference_answers, loop.rm.calibration_samples)
 
         # 3. reward model on every label so far
         rm_dir = round_dir / "rm"

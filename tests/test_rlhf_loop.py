@@ -23,7 +23,8 @@ JUDGE = "def score(prompts, completions, metadata):\n    return [float(sum(map(o
 
 @pytest.fixture
 def loop_file(tmp_path, prompt_file):
-    """A loop on the tiny model: 6 pairs per round, a 1-epoch RM, 1 PPO iteration of 8 answers."""
+    """A loop on the tiny model: 6 pairs per round, a 1-epoch RM normalised on 8 of the 12 answers, 1 PPO iteration
+    of 8 answers."""
     (tmp_path / "judge.py").write_text(JUDGE)
     recipe = {
         "model": {"name": "tiny", "prompt_format": "plain"},
@@ -38,7 +39,7 @@ def loop_file(tmp_path, prompt_file):
     loop = {
         "recipe": "ppo.yaml", "rounds": 2, "pairs_per_round": 6, "judge": "python:judge.py:score",
         "eval_samples_per_prompt": 1,
-        "rm": {"lora": False, "epochs": 1, "lr": 1e-3, "heldout_fraction": 0.25},
+        "rm": {"lora": False, "epochs": 1, "lr": 1e-3, "heldout_fraction": 0.25, "calibration_samples": 8},
         "set": ["ppo.kl_coef=0.1"],
     }  # fmt: skip
     path = tmp_path / "loop.yaml"
@@ -65,6 +66,8 @@ def test_two_round_loop_end_to_end_and_resume(loop_file, tmp_path):
     assert rounds[1]["judge_score_before"] == rounds[0]["judge_score_after"]  # same model, same seeded samples
     assert rounds[0]["policy"] == "tiny" and rounds[1]["policy"] == str(out / "round_1" / "ppo" / "final")
     assert rounds[1]["labeled_pairs"] > rounds[0]["labeled_pairs"]  # round 2's RM trains on both rounds' labels
+    rm_info = json.loads((out / "round_2" / "rm" / "rlhflab_rm.json").read_text())
+    assert rm_info["calibration_source"] == "reference samples" and rm_info["calibration_samples"] == 8  # of 12
     ppo = yaml.safe_load((out / "round_2" / "ppo" / "config.yaml").read_text())
     assert ppo["reward"]["spec"] == f"model:{out / 'round_2' / 'rm'}" and ppo["ppo"]["kl_coef"] == 0.1
     assert ppo["model"]["name"] == rounds[1]["policy"]
@@ -114,9 +117,10 @@ def test_loop_file_errors_and_paths(loop_file, tmp_path):
         load_loop_config(loop_file)
 
 
-def test_shipped_loop_recipe_validates():
-    config, _ = load_loop_config(ROOT / "recipes" / "rlhf_loop.yaml")
-    assert config.judge == "vader" and config.rounds == 2
+@pytest.mark.parametrize("name", ["rlhf_loop.yaml", "rlhf_one_round.yaml"])
+def test_shipped_loop_recipes_validate(name):
+    config, _ = load_loop_config(ROOT / "recipes" / name)
+    assert config.judge == "vader" and config.judge_margin == 0.6
     ppo = ppo_config(config)
     assert ppo.model.prompt_format == "plain" and Path(ppo.data.prompts).is_file()
     assert Path(config.heldout_prompts).is_file() and Path(config.prompts).is_file()

@@ -9,7 +9,8 @@ answer's hidden states once (layers 15, 22, 30: at the last token, which the rew
 the mean over the answer's tokens) and fits L2-regularised logistic regression on chosen − rejected feature differences, and
 on token-count differences (a bag of words and punctuation, the feature family of VADER's lexicon rules).
 5-fold cross-validation split by opening; per fold the training pairs are cut to 300, 1000 and all. Prints the
-held-out agreement per feature, training size and regularisation. Re-running reuses OUT_DIR's pairs and features.
+held-out agreement per feature, training size and regularisation. Re-running reuses OUT_DIR's pairs, labels and
+features, so it must use the same --judge-margin.
 """
 
 import argparse
@@ -83,7 +84,12 @@ def main() -> None:
     parser.add_argument("--judge-margin", type=float, default=0.0, help="VADER scores this close are a tie")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    db, feature_file = args.out / "prefs.db", args.out / "features.npz"
+    db, feature_file, margin_file = args.out / "prefs.db", args.out / "features.npz", args.out / "judge_margin"
+    # labels and features are kept, so a re-run with another margin would silently reuse the old verdicts
+    if margin_file.exists() and float(recorded := margin_file.read_text().strip()) != args.judge_margin:
+        parser.error(f"{args.out} was labelled with --judge-margin {recorded}; "
+                     f"use a new OUT_DIR for {args.judge_margin}")
+    margin_file.write_text(str(args.judge_margin))
     start = time.time()
     with PreferenceStore(db) as store:
         missing = args.pairs - store.count_pairs()
