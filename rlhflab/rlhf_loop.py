@@ -197,7 +197,7 @@ def run_loop(loop_yaml: str | Path, out_dir: str | Path, *, quiet: bool = False)
                     return {**summary, "waiting_for_labels": pending}
             reference_answers = [(pair.prompt.text, text) for pair in _generated_by(store, policy)
                                  for text in (pair.a.text, pair.b.text)]
-        # 512 answers pin the mean and std to a few per cent; scoring all of a large round costs minutes
+        # a few hundred answers pin the mean and std to a few per cent; scoring all of a large round costs minutes
         if len(reference_answers) > loop.rm.calibration_samples:
             reference_answers = random.Random(loop.seed + r).sample(reference_answers, loop.rm.calibration_samples)
 
