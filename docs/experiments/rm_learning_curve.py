@@ -24,6 +24,7 @@ import torch
 
 from rlhflab.diversity import tokenize
 from rlhflab.models import load_causal_lm, pick_device
+from rlhflab.ppo_math import bradley_terry_loss
 from rlhflab.prefs.generate import generate_pairs
 from rlhflab.prefs.judge import judge_pending
 from rlhflab.prefs.store import PreferenceStore
@@ -62,14 +63,14 @@ def features(texts: list[tuple[str, str]], batch_size: int = 32) -> dict[str, np
 
 
 def fit(diffs: np.ndarray, lam: float) -> np.ndarray:
-    """Bradley–Terry weights w minimising mean softplus(−d·w) + lam·|w|² (no bias: the loss sees differences)."""
+    """Bradley–Terry weights w minimising mean −log σ(d·w) + lam·|w|² (no bias: the loss sees differences)."""
     w = torch.zeros(diffs.shape[1], dtype=torch.float64, requires_grad=True)
-    x = torch.tensor(diffs)
+    x = torch.tensor(diffs)  # (N, F) chosen − rejected, so the rejected side scores 0
     opt = torch.optim.LBFGS([w], max_iter=300, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.softplus(-x @ w).mean() + lam * (w * w).sum()
+        loss = bradley_terry_loss(x @ w, torch.zeros(len(x), dtype=x.dtype))[0] + lam * (w * w).sum()
         loss.backward()
         return loss
 
