@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rlhflab.errors import UserError
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     enabled: bool = False
     """Train LoRA adapters instead of all weights; the reference is then the base with adapters disabled."""
     r: int = Field(16, ge=1)
@@ -37,7 +37,7 @@ class LoraConfig(_Section):
     """Modules that get adapters (peft's `target_modules`)."""
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"
     """Policy: `smollm2-135m-instruct` (embedded), `tiny` (random, for tests), a local HF dir, a .gguf file or a hub id."""
     prompt_format: Literal["auto", "chat", "plain"] = "auto"
@@ -58,14 +58,14 @@ class ModelConfig(_Section):
     """`auto`, `cpu`, `cuda`, `cuda:1`, `mps`."""
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     prompts: str = ""
     """Prompt file: JSONL (`prompt` or `messages`; other fields become reward metadata), CSV, or text (one per line)."""
     shuffle: bool = True
     """Draw prompts in a fresh random order each pass over the file."""
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     prompts_per_iteration: int = Field(16, ge=1)
     """Prompts drawn per iteration (P)."""
     samples_per_prompt: int = Field(1, ge=1)
@@ -82,7 +82,7 @@ class RolloutConfig(_Section):
     """Samples generated per `generate` call (None: the whole rollout at once)."""
 
 
-class RewardTerm(_Section):
+class RewardTerm(Section):
     spec: str
     """A reward spec, e.g. `contains:red`, `vader`, `python:my_rewards.py:score`."""
     weight: float = 1.0
@@ -91,7 +91,7 @@ class RewardTerm(_Section):
     """Name in the logs (reward/<name>); derived from the spec when omitted."""
 
 
-class RewardConfig(_Section):
+class RewardConfig(Section):
     spec: str | list[RewardTerm] = "contains:red"
     """One reward spec, or a list of weighted terms summed into the score."""
     missing_eos_penalty: float | None = None
@@ -102,7 +102,7 @@ class RewardConfig(_Section):
     """Clip scores to ±clip after normalisation (None: off)."""
 
 
-class PPOConfig(_Section):
+class PPOConfig(Section):
     advantage_estimator: Literal["gae", "reinforce", "rloo", "grpo"] = "gae"
     """`gae` (learned critic), `reinforce` (mean baseline), `rloo` (leave-one-out), `grpo` (group-normalised)."""
     kl_coef: float = Field(0.05, ge=0)
@@ -151,7 +151,7 @@ class PPOConfig(_Section):
     """Iterations at the start during which only the critic learns (policy frozen)."""
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     iterations: int = Field(20, ge=1)
     """PPO iterations (rollout + update)."""
     learning_rate: float = Field(1e-5, gt=0)
@@ -176,7 +176,7 @@ class TrainConfig(_Section):
     """Write RUN_DIR/final/ as a plain Hugging Face model directory (LoRA merged)."""
 
 
-class LogConfig(_Section):
+class LogConfig(Section):
     sample_every: int = Field(1, ge=0)
     """Write sample completions to samples.jsonl every N iterations (0: never)."""
     samples_per_log: int = Field(4, ge=1)
@@ -191,7 +191,7 @@ class LogConfig(_Section):
     """W&B mode; offline works with no network and can be synced later."""
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     probes: str | None = None
     """Probe file (YAML: behavior, groups of prompts) evaluated during and after training (None: no probes)."""
     every: int = Field(0, ge=0)
@@ -202,7 +202,7 @@ class EvalConfig(_Section):
     """Write report.html / report.md at the end of training."""
 
 
-class Config(_Section):
+class Config(Section):
     """A whole run. Sections: model, data, rollout, reward, ppo, train, log, eval."""
 
     model: ModelConfig = ModelConfig()

@@ -105,7 +105,7 @@ def test_batch_sizes_checked(tmp_path):
 def test_chat_format_without_template(tmp_path):
     from transformers import AutoTokenizer
 
-    from rlhflab.models import resolve_model_dir
+    from rlhflab.models.loading import resolve_model_dir
 
     model_dir = tmp_path / "plain-model"
     subprocess.run([sys.executable, "-c", f"""
@@ -143,7 +143,7 @@ def test_sample_command(tmp_path):
 @pytest.mark.parametrize("name", ["sky_red.yaml", "tiny.yaml"])
 def test_shipped_recipes_validate(name):
     from rlhflab.config import load_config
-    from rlhflab.data import load_prompts
+    from rlhflab.data.prompts import load_prompts
 
     config = load_config(ROOT / "recipes" / name)
     assert load_prompts(config.data.prompts)

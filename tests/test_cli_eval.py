@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from rlhflab.cli import app
-from rlhflab.evaluate import METRICS
+from rlhflab.evaluation.probes import METRICS
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
 GROUPS = ("trained", "unrelated")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rlhflab.diversity import distinct_n, self_bleu, sentence_bleu, tokenize, words
+from rlhflab.data.diversity import distinct_n, self_bleu, sentence_bleu, tokenize, words
 
 
 def test_tokenize_lowercases_and_splits_punctuation():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rlhflab.errors import UserError
-from rlhflab.evaluate import METRICS, Probes, eval_metrics, evaluate, format_table, load_probes
-from rlhflab.models import add_lora, load_causal_lm, load_tokenizer
+from rlhflab.evaluation.probes import METRICS, Probes, eval_metrics, evaluate, format_table, load_probes
+from rlhflab.models.loading import add_lora, load_causal_lm, load_tokenizer
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PROBES = Probes(
@@ -149,7 +149,7 @@ def test_shipped_probe_file_loads():
 
 def test_sky_heldout_prompts_share_no_four_words_with_training():
     """The held-out claim of recipes/data/README.md: no 4-word sequence in common, and no 'red' anywhere."""
-    from rlhflab.diversity import ngrams, words
+    from rlhflab.data.diversity import ngrams, words
 
     def four_grams(line: str) -> set[tuple[str, ...]]:
         return set(ngrams(words(line), 4))  # words only, as the README says

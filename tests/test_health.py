@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhflab.health import HealthMonitor, check_health
+from rlhflab.evaluation.health import HealthMonitor, check_health
 
 
 def clean_rows(n: int = 12) -> list[dict]:

@@ -5,11 +5,10 @@ import ctypes
 import pytest
 import torch
 
-from rlhflab.data import Prompt, render_prompt
+from rlhflab.data.prompts import Prompt, render_prompt
 from rlhflab.errors import UserError
-from rlhflab.models import (
-    EMBEDDED, ValueHead, forward_response, keep_freed_memory, load_causal_lm, load_tokenizer, resolve_model_dir,
-)
+from rlhflab.models.forward import ValueHead, forward_response
+from rlhflab.models.loading import EMBEDDED, keep_freed_memory, load_causal_lm, load_tokenizer, resolve_model_dir
 
 CPU = torch.device("cpu")
 
@@ -71,8 +70,8 @@ def test_embedded_model_forward():
 @pytest.mark.parametrize("pack_tokens", [256, 8])  # one packed row; one row per segment
 def test_packed_forward_matches_plain_forward_and_gradients(monkeypatch, pack_tokens):
     """Packing rows (shared prompt prefix once, no padding) gives the same log-probs, values and gradients."""
-    from rlhflab import models
-    from rlhflab.models import shared_prefix_len
+    from rlhflab.models import forward as models
+    from rlhflab.models.forward import shared_prefix_len
 
     monkeypatch.setattr(models, "PACK_TOKENS", pack_tokens)
     monkeypatch.setattr(models, "PACK_WHEN_TOKENS_AT_MOST", 1.0)  # pack even where it saves little
@@ -121,7 +120,7 @@ def test_building_a_cached_model_leaves_the_random_stream_alone(tmp_path, monkey
 def test_in_place_lookup_gradient_equals_autograd_for_tied_embeddings():
     """Full fine-tuning with tied embeddings: the in-place lookup gradient gives autograd's exact gradients,
     accumulated over two backward passes as gradient accumulation does."""
-    from rlhflab.models import add_lookup_grad_in_place
+    from rlhflab.models.loading import add_lookup_grad_in_place
 
     tok = load_tokenizer("tiny")
     ids = tok(["hello there you", "a b c d e f"], padding=True, return_tensors="pt", add_special_tokens=False)
@@ -141,7 +140,7 @@ def test_in_place_lookup_gradient_equals_autograd_for_tied_embeddings():
 
 def test_packing_is_skipped_when_it_saves_little():
     """Rows of equal length with no common prefix: packing would only widen attention."""
-    from rlhflab import models
+    from rlhflab.models import forward as models
 
     tok = load_tokenizer("tiny")
     model = load_causal_lm("tiny", CPU, torch.float32)

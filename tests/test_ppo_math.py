@@ -5,8 +5,20 @@ import math
 import pytest
 import torch
 
-from rlhflab import ppo_math as M
-from rlhflab.rollout import response_mask_after_eos
+from rlhflab.models.forward import entropy_from_logits, logprobs_from_logits
+from rlhflab.ppo.advantages import (
+    apply_missing_eos_penalty,
+    gae,
+    group_normalized_advantages,
+    reinforce_advantages,
+    rloo_advantages,
+    shape_rewards,
+)
+from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
+from rlhflab.ppo.losses import policy_loss, value_loss
+from rlhflab.ppo.rollout import response_mask_after_eos
+from rlhflab.ppo.stats import explained_variance, masked_mean, masked_var, masked_whiten
+from rlhflab.rewards.reward_model import bradley_terry_loss
 
 
 def test_logprobs_from_logits_uses_temperature():
@@ -15,29 +27,29 @@ def test_logprobs_from_logits_uses_temperature():
     t = 2.0
     z = [1 / t, 2 / t, 3 / t]
     expected = z[2] - math.log(sum(math.exp(v) for v in z))
-    assert M.logprobs_from_logits(logits, tokens, t).item() == pytest.approx(expected, abs=1e-6)
+    assert logprobs_from_logits(logits, tokens, t).item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_entropy_uniform_is_log_v():
     logits = torch.zeros(2, 3, 8)
-    assert torch.allclose(M.entropy_from_logits(logits), torch.full((2, 3), math.log(8)))
+    assert torch.allclose(entropy_from_logits(logits), torch.full((2, 3), math.log(8)))
 
 
 def test_masked_mean_var_whiten_ignore_padding():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    assert M.masked_mean(x, mask).item() == pytest.approx(2.0)
-    assert M.masked_var(x, mask).item() == pytest.approx(1.0)  # unbiased: ((1)+(0)+(1))/2
-    w = M.masked_whiten(x, mask)
+    assert masked_mean(x, mask).item() == pytest.approx(2.0)
+    assert masked_var(x, mask).item() == pytest.approx(1.0)  # unbiased: ((1)+(0)+(1))/2
+    w = masked_whiten(x, mask)
     assert w[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-4)
     assert w[0, 3].item() == 0.0
-    kept = M.masked_whiten(x, mask, shift_mean=False)
-    assert M.masked_mean(kept, mask).item() == pytest.approx(2.0, abs=1e-5)
+    kept = masked_whiten(x, mask, shift_mean=False)
+    assert masked_mean(kept, mask).item() == pytest.approx(2.0, abs=1e-5)
 
 
 def test_kl_estimators_hand_values():
     lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
-    kl = M.kl_estimators(lp, ref)
+    kl = kl_estimators(lp, ref)
     assert kl["k1"][0].tolist() == pytest.approx([0.5, -1.0])
     assert kl["k2"][0].tolist() == pytest.approx([0.125, 0.5])
     # k3 = (r - 1) - log r with r = exp(ref - lp)
@@ -48,28 +60,28 @@ def test_kl_estimators_hand_values():
 def test_k3_is_nonnegative():
     torch.manual_seed(0)
     lp, ref = torch.randn(64, 32) * 3, torch.randn(64, 32) * 3
-    assert (M.kl_estimators(lp, ref)["k3"] >= 0).all()
+    assert (kl_estimators(lp, ref)["k3"] >= 0).all()
 
 
 def test_shape_rewards_puts_score_on_last_real_token():
     scores = torch.tensor([1.0, 2.0])
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    r = M.shape_rewards(scores, kl, mask, kl_coef=0.5)
+    r = shape_rewards(scores, kl, mask, kl_coef=0.5)
     assert r.flatten().tolist() == pytest.approx([-0.05, -0.1, -0.15 + 1.0, -0.25, -0.25 + 2.0, 0.0])
 
 
 def test_missing_eos_penalty():
-    s = M.apply_missing_eos_penalty(torch.tensor([1.0, 0.5]), torch.tensor([True, False]), -1.0)
+    s = apply_missing_eos_penalty(torch.tensor([1.0, 0.5]), torch.tensor([True, False]), -1.0)
     assert s.tolist() == [1.0, -1.0]
-    assert M.apply_missing_eos_penalty(torch.tensor([0.5]), torch.tensor([False]), None).tolist() == [0.5]
+    assert apply_missing_eos_penalty(torch.tensor([0.5]), torch.tensor([False]), None).tolist() == [0.5]
 
 
 def test_adaptive_kl_update_hand_values():
     # KL above target by 50 % → error clipped to +0.2; n/horizon = 0.5 → β·1.1
-    assert M.adaptive_kl_coef(0.1, 9.0, 6.0, 100, 50) == pytest.approx(0.11)
+    assert adaptive_kl_coef(0.1, 9.0, 6.0, 100, 50) == pytest.approx(0.11)
     # KL 5 % below target → error −0.05 → β·(1 − 0.05·0.5)
-    assert M.adaptive_kl_coef(0.1, 5.7, 6.0, 100, 50) == pytest.approx(0.1 * (1 - 0.025))
+    assert adaptive_kl_coef(0.1, 5.7, 6.0, 100, 50) == pytest.approx(0.1 * (1 - 0.025))
 
 
 def _gae_loop(rewards, values, mask, gamma, lam):
@@ -90,7 +102,7 @@ def test_gae_matches_plain_loop_with_padding():
     torch.manual_seed(0)
     rewards, values = torch.randn(3, 6), torch.randn(3, 6)
     mask = torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2, [1.0] + [0.0] * 5])
-    adv, ret = M.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
     assert torch.allclose(adv, _gae_loop(rewards, values, mask, 0.9, 0.8), atol=1e-5)
     assert torch.allclose(ret, (adv + values) * mask, atol=1e-6)
 
@@ -99,18 +111,18 @@ def test_gae_hand_values():
     # γ = 1, λ = 1: advantage = sum of future rewards − V(s_t)
     rewards = torch.tensor([[0.0, 0.0, 1.0]])
     values = torch.tensor([[0.5, 0.25, 0.75]])
-    adv, _ = M.gae(rewards, values, torch.ones(1, 3), 1.0, 1.0)
+    adv, _ = gae(rewards, values, torch.ones(1, 3), 1.0, 1.0)
     assert adv[0].tolist() == pytest.approx([0.5, 0.75, 0.25])
 
 
 def test_critic_free_estimators_hand_values():
     scores = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0, 6.0])  # P = 2 prompts × K = 3
-    assert M.reinforce_advantages(scores, 3).tolist() == pytest.approx(
+    assert reinforce_advantages(scores, 3).tolist() == pytest.approx(
         [2 / 3, -1 / 3, -1 / 3, -2.0, 0.0, 2.0])
-    assert M.reinforce_advantages(torch.tensor([1.0, 3.0]), 1).tolist() == [-1.0, 1.0]
+    assert reinforce_advantages(torch.tensor([1.0, 3.0]), 1).tolist() == [-1.0, 1.0]
     # RLOO: baseline = mean of the other two
-    assert M.rloo_advantages(scores, 3).tolist() == pytest.approx([1.0, -0.5, -0.5, -3.0, 0.0, 3.0])
-    grpo = M.group_normalized_advantages(scores, 3)
+    assert rloo_advantages(scores, 3).tolist() == pytest.approx([1.0, -0.5, -0.5, -3.0, 0.0, 3.0])
+    grpo = group_normalized_advantages(scores, 3)
     std0 = torch.tensor([1.0, 0.0, 0.0]).std().item()
     assert grpo[:3].tolist() == pytest.approx([(2 / 3) / std0, (-1 / 3) / std0, (-1 / 3) / std0], abs=1e-4)
     assert grpo[3:].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-4)
@@ -121,7 +133,7 @@ def test_policy_loss_clipping_and_clipfrac():
     mask = torch.ones(1, 4)
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
     new = torch.log(torch.tensor([[1.5, 0.5, 1.5, 0.5]]))
-    loss, stats = M.policy_loss(new, old, adv, mask, clip_range=0.2)
+    loss, stats = policy_loss(new, old, adv, mask, clip_range=0.2)
     # per token: max(−A·r, −A·clip(r)) = [−1.2, −0.5, 1.5, 0.8]
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.5 + 0.8) / 4, abs=1e-6)
     assert stats["clipfrac"].item() == pytest.approx(0.5)  # tokens 0 and 3 are clipped
@@ -130,7 +142,7 @@ def test_policy_loss_clipping_and_clipfrac():
 def test_clipfrac_zero_and_ratio_one_at_start():
     lp = torch.randn(3, 5)
     mask = torch.ones(3, 5)
-    _, stats = M.policy_loss(lp, lp.clone(), torch.randn(3, 5), mask, 0.2)
+    _, stats = policy_loss(lp, lp.clone(), torch.randn(3, 5), mask, 0.2)
     assert stats["clipfrac"].item() == 0.0
     assert stats["ratio_mean"].item() == pytest.approx(1.0)
     assert stats["approxkl"].item() == 0.0
@@ -141,8 +153,8 @@ def test_dual_clip_bounds_negative_advantage_loss():
     new = torch.log(torch.tensor([[10.0, 10.0]]))
     adv = torch.tensor([[-1.0, 1.0]])
     mask = torch.ones(1, 2)
-    plain, _ = M.policy_loss(new, old, adv, mask, 0.2)
-    dual, _ = M.policy_loss(new, old, adv, mask, 0.2, dual_clip=3.0)
+    plain, _ = policy_loss(new, old, adv, mask, 0.2)
+    dual, _ = policy_loss(new, old, adv, mask, 0.2, dual_clip=3.0)
     # negative advantage: plain = max(10, 1.2) = 10; dual = min(10, 3) = 3. Positive: −1.2 both.
     assert plain.item() == pytest.approx((10 - 1.2) / 2)
     assert dual.item() == pytest.approx((3 - 1.2) / 2)
@@ -153,22 +165,22 @@ def test_value_loss_clipping():
     old = torch.tensor([[0.0, 0.0]])
     returns = torch.tensor([[2.0, 1.0]])
     mask = torch.ones(1, 2)
-    loss, clipfrac = M.value_loss(values, old, returns, mask, clip_range_value=0.2)
+    loss, clipfrac = value_loss(values, old, returns, mask, clip_range_value=0.2)
     # token 0: unclipped (1−2)² = 1, clipped (0.2−2)² = 3.24 → 3.24; token 1: (0−1)² = 1 both
     assert loss.item() == pytest.approx(0.5 * (3.24 + 1.0) / 2)
     assert clipfrac.item() == pytest.approx(0.5)
-    unclipped, _ = M.value_loss(values, old, returns, mask, None)
+    unclipped, _ = value_loss(values, old, returns, mask, None)
     assert unclipped.item() == pytest.approx(0.5 * (1.0 + 1.0) / 2)
-    huber, _ = M.value_loss(values, old, torch.tensor([[4.0, 0.5]]), mask, None, kind="huber")
+    huber, _ = value_loss(values, old, torch.tensor([[4.0, 0.5]]), mask, None, kind="huber")
     assert huber.item() == pytest.approx(0.5 * ((3 - 0.5) + 0.5 * 0.25) / 2)
 
 
 def test_masks_ignore_padding_in_losses():
     lp, old, adv = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
-    base, _ = M.policy_loss(lp, old, adv, mask, 0.2)
+    base, _ = policy_loss(lp, old, adv, mask, 0.2)
     junk = torch.where(mask.bool(), lp, torch.full_like(lp, 50.0))
-    assert M.policy_loss(junk, old, adv, mask, 0.2)[0].item() == pytest.approx(base.item())
+    assert policy_loss(junk, old, adv, mask, 0.2)[0].item() == pytest.approx(base.item())
 
 
 def test_response_mask_after_first_eos():
@@ -182,15 +194,15 @@ def test_response_mask_after_first_eos():
 def test_explained_variance():
     returns = torch.tensor([[1.0, 2.0, 3.0]])
     mask = torch.ones(1, 3)
-    assert M.explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
-    assert M.explained_variance(torch.full_like(returns, 2.0), returns, mask).item() == pytest.approx(0.0)
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask).item() == pytest.approx(0.0)
 
 
 def test_bradley_terry_loss_hand_values():
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
-    loss, acc = M.bradley_terry_loss(chosen, rejected)
+    loss, acc = bradley_terry_loss(chosen, rejected)
     expected = (-math.log(1 / (1 + math.exp(-1))) - math.log(1 / (1 + math.exp(1)))) / 2
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert acc.item() == 0.5
-    loss_m, _ = M.bradley_terry_loss(chosen, rejected, margin=1.0)
+    loss_m, _ = bradley_terry_loss(chosen, rejected, margin=1.0)
     assert loss_m.item() > loss.item()

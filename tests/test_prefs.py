@@ -19,12 +19,12 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from rlhflab.cli.prefs import prefs_app
 from rlhflab.errors import UserError
-from rlhflab.prefs.cli import prefs_app
-from rlhflab.prefs.io import export_jsonl, export_rows, import_jsonl
-from rlhflab.prefs.judge import judge_pending
-from rlhflab.prefs.label import run_session
-from rlhflab.prefs.store import Candidate, NewPair, PreferenceStore
+from rlhflab.preferences.io import export_jsonl, export_rows, import_jsonl
+from rlhflab.preferences.judge import judge_pending
+from rlhflab.preferences.label import run_session
+from rlhflab.preferences.store import Candidate, NewPair, PreferenceStore
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -276,7 +276,7 @@ def test_sigkill_loses_no_acknowledged_label_and_duplicates_none(tmp_path):
     with store_with(tmp_path, 8):
         pass
     db = tmp_path / "prefs.db"
-    command = [sys.executable, "-m", "rlhflab.prefs.cli", "label", "--db", str(db), "--labeler", "kim"]
+    command = [sys.executable, "-m", "rlhflab.cli.prefs", "label", "--db", str(db), "--labeler", "kim"]
     proc = subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=subprocess_env()
     )
@@ -367,13 +367,13 @@ def test_judge_refuses_a_reward_with_the_wrong_number_of_scores(tmp_path):
 
 def test_judge_command_builds_the_reward_from_its_spec(tmp_path, monkeypatch):
     specs = []
-    fake = types.ModuleType("rlhflab.rewards")
+    fake = types.ModuleType("rlhflab.rewards.specs")
 
     def prefers_b(prompts, completions, metadata):
         return [float(c.endswith("b")) for c in completions]
 
     fake.build_reward = lambda spec: specs.append(spec) or prefers_b
-    monkeypatch.setitem(sys.modules, "rlhflab.rewards", fake)
+    monkeypatch.setitem(sys.modules, "rlhflab.rewards.specs", fake)
     with store_with(tmp_path, 2):
         pass
     command = ["judge", "--db", str(tmp_path / "prefs.db"), "--reward", "ends-b", "--margin", "0"]
@@ -408,7 +408,7 @@ def test_acceptance_three_imported_pairs_labeled_a_b_t_export_two_rows(tmp_path)
     imported = runner.invoke(prefs_app, ["import", str(write_jsonl(tmp_path / "pairs.jsonl", records)), "--db", db])
     assert imported.exit_code == 0, imported.output
     labeled = subprocess.run(
-        [sys.executable, "-m", "rlhflab.prefs.cli", "label", "--db", db, "--labeler", "me"],
+        [sys.executable, "-m", "rlhflab.cli.prefs", "label", "--db", db, "--labeler", "me"],
         input="a\nb\nt\n", capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=60,
     )
     assert labeled.returncode == 0, labeled.stderr

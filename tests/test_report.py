@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from rlhflab.errors import UserError
-from rlhflab.report import write_report
+from rlhflab.evaluation.report import write_report
 
 GROUPS = {"trained": (0.05, 0.95), "related": (0.05, 0.6), "unrelated": (0.1, 0.15), "capability": (0.0, 0.0)}
 

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from rlhflab.cli import app
 from rlhflab.errors import UserError
-from rlhflab.prefs.store import Candidate, NewPair, PreferenceStore
-from rlhflab.reward_model import (
+from rlhflab.preferences.store import Candidate, NewPair, PreferenceStore
+from rlhflab.rewards.reward_model import (
     PreferencePair,
     calibration_table,
     expected_calibration_error,
@@ -22,7 +22,7 @@ from rlhflab.reward_model import (
     split_by_prompt,
     train_reward_model,
 )
-from rlhflab.rewards import build_reward
+from rlhflab.rewards.specs import build_reward
 
 runner = CliRunner()
 SUBJECTS = ["the film", "this movie", "the plot", "the cast", "the ending", "the music", "the story", "the acting",
@@ -186,7 +186,7 @@ def test_rm_train_cli_with_lora(tmp_path):
 
 
 def test_architectures_without_a_sequence_classifier_save_a_causal_lm_and_a_head(tmp_path, monkeypatch):
-    import rlhflab.reward_model as rm
+    import rlhflab.rewards.reward_model as rm
 
     monkeypatch.setattr(rm, "_as_sequence_classifier", lambda lm, pad_token_id: None)
     data = write_jsonl(tmp_path / "prefs.jsonl", toy_rows(8))
@@ -204,8 +204,8 @@ def test_architectures_without_a_sequence_classifier_save_a_causal_lm_and_a_head
 def test_critic_starts_as_the_reward_model(toy_rm, tmp_path):
     """model.critic_init: the critic's value at an answer's last token is the RM's normalised score of it."""
     from rlhflab.config import Config
-    from rlhflab.rollout import Generation
-    from rlhflab.trainer import PPOTrainer
+    from rlhflab.ppo.rollout import Generation
+    from rlhflab.ppo.trainer import PPOTrainer
 
     root, _ = toy_rm
     prompts = tmp_path / "p.txt"

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from rlhflab.errors import UserError
-from rlhflab.rewards import Reward, build_reward, format_score, length_score, lexicon_score, relevance_score
+from rlhflab.rewards.specs import Reward, build_reward, format_score, length_score, lexicon_score, relevance_score
 
 
 def score_one(spec, completion, prompt="", **kwargs):

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from rlhflab.cli import app
 from rlhflab.errors import UserError
-from rlhflab.prefs.store import PreferenceStore
-from rlhflab.rlhf_loop import load_loop_config, ppo_config
+from rlhflab.pipelines.rlhf_loop import load_loop_config, ppo_config
+from rlhflab.preferences.store import PreferenceStore
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()

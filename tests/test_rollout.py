@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rlhflab.models import load_causal_lm, load_tokenizer
-from rlhflab.rollout import _prefill, generate
+from rlhflab.models.loading import load_causal_lm, load_tokenizer
+from rlhflab.ppo.rollout import _prefill, generate
 
 CPU = torch.device("cpu")
 
@@ -52,7 +52,7 @@ def test_prefill_runs_the_shared_prefix_once_and_each_distinct_prompt_once():
 def test_inverse_cdf_sampler_draws_from_the_tempered_top_k_top_p_distribution():
     """The sampler's draws follow softmax(logits / T) restricted by top-k/top-p, and it hands generate's
     argmax exactly one token per row."""
-    from rlhflab.rollout import InverseCDFSampler
+    from rlhflab.ppo.rollout import InverseCDFSampler
 
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]))

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_sky_red_recipe_learns_the_edit(tmp_path):
     from rlhflab.config import load_config
-    from rlhflab.pipelines import train
+    from rlhflab.pipelines.train import train
 
     run = tmp_path / "sky_red"
     train(load_config(ROOT / "recipes" / "sky_red.yaml"), run, quiet=True)

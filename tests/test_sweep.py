@@ -10,10 +10,10 @@ import yaml
 from typer.testing import CliRunner
 
 from rlhflab.cli import app
-from rlhflab.compare import compare, compare_sweep
 from rlhflab.config import load_config
 from rlhflab.errors import UserError
-from rlhflab.sweep import DONE, plan_runs, run_name, run_sweep
+from rlhflab.evaluation.compare import compare, compare_sweep
+from rlhflab.pipelines.sweep import DONE, plan_runs, run_name, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny.yaml"

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from rlhflab.pipelines import train
-from rlhflab.trainer import PPOTrainer
-from rlhflab.tracking import Tracker
+from rlhflab.pipelines.train import train
+from rlhflab.ppo.trainer import PPOTrainer
+from rlhflab.runs.tracking import Tracker
 
 
 def _snapshot(module):

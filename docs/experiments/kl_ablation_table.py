@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rlhflab.diversity import words
+from rlhflab.data.diversity import words
 
 LEXICON = SentimentIntensityAnalyzer().lexicon
 

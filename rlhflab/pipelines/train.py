@@ -1,0 +1,140 @@
+"""Whole jobs built from the stages: `train` (the PPO run with its outputs around it: probe evaluations during
+and after training, the report at the end)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from rlhflab.config import Config, config_from_dict, read_yaml, save_config
+from rlhflab.errors import UserError
+from rlhflab.evaluation.probes import eval_metrics, evaluate, format_table, load_probes, write_eval
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]PPO"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[status]}"), transient=False)
+
+
+def train(config: Config, out: str | Path, reward=None, resume: bool = False, quiet: bool = False):
+    """Run PPO as configured; write metrics, samples, checkpoints and RUN_DIR/final. Returns the trainer.
+
+    `reward` overrides config.reward.spec with any callable (prompts, completions, metadata) -> floats.
+    """
+    from rich.console import Console
+
+    from rlhflab.evaluation.health import HealthMonitor
+    from rlhflab.ppo.trainer import PPOTrainer
+    from rlhflab.runs.tracking import Tracker
+
+    run_dir = Path(out)
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise UserError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    console = Console(stderr=True, quiet=quiet)
+    started = time.perf_counter()
+    probes = _load_probes(config)  # a bad probe file fails before minutes of model loading
+    trainer = PPOTrainer(config, run_dir, reward=reward)
+    if resume:
+        trainer.resume()
+        console.print(f"resumed {run_dir} at iteration {trainer.iteration}")
+    save_config(config, run_dir / "config.yaml")
+    c = config
+    tracker = Tracker(run_dir, c.log.trackers, c.log.project, c.log.run_name or run_dir.name, c.model_dump(mode="json"))
+    monitor = HealthMonitor()
+    console.print(f"model loaded in {time.perf_counter() - started:.0f} s; training {c.train.iterations} iterations "
+                  f"of {c.rollout_batch_size} samples → {run_dir}")
+    probe_hook = _probe_hook(probes, c) if probes is not None and c.eval.every > 0 else None
+    try:
+        with _progress() if not quiet else _NoProgress() as progress:
+            task = progress.add_task("train", total=c.train.iterations, completed=trainer.iteration, status="")
+            while trainer.iteration < c.train.iterations:
+                m = trainer.iteration_step(tracker, extra_metrics=probe_hook)
+                for note in monitor.update({"iteration": trainer.iteration, **m}):
+                    console.print(f"[yellow]warning[/]: {note.message} — likely cause: {note.cause}; fix: {note.fix}")
+                progress.update(task, advance=1, status=(
+                    f"reward {m['objective/scores']:.3f}  KL {m['objective/kl']:.2f}  {m['time/iteration']:.1f} s/it"))
+        if c.train.checkpoint_every == 0 or trainer.iteration % c.train.checkpoint_every:
+            trainer.save()
+    finally:
+        tracker.close()
+    table = None
+    if probes is not None:
+        # before save_final: merging LoRA removes the adapter-disabled reference this evaluation compares with
+        console.print(f"probe evaluation ({sum(map(len, probes.groups.values()))} prompts × "
+                      f"{probes.samples_per_prompt} samples, policy and reference) → {run_dir / 'eval'}")
+        result, answers = _evaluate_trainer(trainer, probes)
+        write_eval(run_dir / "eval", result, answers)
+        table = format_table(result)
+    if c.train.save_final:
+        trainer.save_final()
+    if c.eval.report:
+        from rlhflab.evaluation.report import write_report
+
+        html_path, _ = write_report(run_dir)
+        console.print(f"report → {html_path}")
+    if table is not None:
+        console.print(table, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"done in {time.perf_counter() - started:.0f} s → {run_dir}")
+    return trainer
+
+
+def _load_probes(config: Config):
+    """The recipe's probe file, checked (behaviour spec included), or None when it names none."""
+    if not config.eval.probes:
+        return None
+    probes = load_probes(config.eval.probes)
+    probes.behavior_reward()
+    return probes
+
+
+def _evaluate_trainer(trainer, probes, **kwargs) -> tuple[dict, list[dict]]:
+    """Evaluate the trainer's policy against its reference: the frozen copy, or the base with LoRA disabled."""
+    c = trainer.config
+    if trainer.ref_model is not None:
+        reference, context = trainer.ref_model, nullcontext
+    else:
+        reference, context = trainer.policy, trainer.policy.disable_adapter
+    return evaluate(trainer.policy, reference, trainer.tokenizer, probes, prompt_format=trainer.prompt_format,
+                    system_prompt=c.model.system_prompt, reference_context=context, seed=c.train.seed, **kwargs)
+
+
+def _probe_hook(probes, config: Config):
+    """`extra_metrics` for iteration_step: every eval.every iterations, a small probe evaluation of the policy
+    (eval.samples_per_prompt_during samples per prompt, no greedy answers) logged as eval/<group>/<metric>."""
+
+    def hook(trainer) -> dict[str, float]:
+        if trainer.iteration % config.eval.every:
+            return {}
+        t0 = time.perf_counter()
+        result, _ = _evaluate_trainer(trainer, probes, samples_per_prompt=config.eval.samples_per_prompt_during,
+                                      greedy=False, sides=("policy",))
+        return {**eval_metrics(result), "time/eval": time.perf_counter() - t0}
+
+    return hook
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def update(self, *a, **k):
+        pass
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved config a run saved, for --resume."""
+    path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise UserError(f"run directory '{run_dir}' not found; pass the --out folder of an earlier run")
+    if not path.is_file():
+        raise UserError(f"{path} is missing; '{run_dir}' is not a run directory written by rlhflab train")
+    return config_from_dict(read_yaml(path, "run config"), str(path))

@@ -1,0 +1,1 @@
+"""The PPO core: rollout → KL → advantages → losses, run by the trainer loop."""

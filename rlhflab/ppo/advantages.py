@@ -1,0 +1,84 @@
+"""From scores to advantages: reward shaping with the KL penalty, GAE, and the critic-free baselines.
+
+Shapes: B = samples, T = response tokens, V = vocabulary, P = prompts, K = samples per prompt. A `mask` is
+1.0 on real response tokens (up to and including the first EOS), 0.0 on padding and after EOS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: −β·KL_t at every response token, plus the score on the last real token.
+
+    scores (B,), kl (B, T), mask (B, T) -> (B, T). Implementation detail 7.
+    """
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,) index of the last real token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Replace the score of answers that never emitted EOS by a fixed low score (the "EOS trick").
+
+    scores (B,), has_eos (B,) bool -> (B,). Implementation detail 5.
+    """
+    if penalty is None:
+        return scores
+    return torch.where(has_eos, scores, torch.full_like(scores, penalty))
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over a right-padded response.
+
+    rewards, values, mask (B, T) -> advantages (B, T), returns (B, T), both 0 where mask is 0.
+    The value after the last real token is 0 (the episode ends there).
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    T = rewards.shape[1]
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
+        advantages[:, t] = last_gae
+    return advantages, (advantages + values) * mask
+
+
+def reinforce_advantages(scores: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
+    """Score minus a mean baseline: the per-prompt mean when K > 1, else the batch mean.
+
+    scores (P*K,), grouped prompt-major ([p0 s0, p0 s1, ..., p1 s0, ...]) -> (P*K,)
+    """
+    if samples_per_prompt > 1:
+        grouped = scores.view(-1, samples_per_prompt)  # (P, K)
+        return (grouped - grouped.mean(1, keepdim=True)).flatten()
+    return scores - scores.mean()
+
+
+def rloo_advantages(scores: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
+    """REINFORCE leave-one-out: each sample's baseline is the mean of the other K−1 samples of its prompt.
+
+    scores (P*K,) prompt-major -> (P*K,). Needs K ≥ 2.
+    """
+    k = samples_per_prompt
+    grouped = scores.view(-1, k)  # (P, K)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).flatten()
+
+
+def group_normalized_advantages(scores: torch.Tensor, samples_per_prompt: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: (score − mean of its prompt's group) / (std of the group + eps).
+
+    scores (P*K,) prompt-major -> (P*K,). Needs K ≥ 2.
+    """
+    grouped = scores.view(-1, samples_per_prompt)  # (P, K)
+    mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).flatten()
+
+

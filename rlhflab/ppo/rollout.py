@@ -1,0 +1,259 @@
+"""Stage 1 of an iteration: sample answers with the KV cache and record what PPO needs about them.
+
+`generate` is the one entry point for sampling (training rollouts, evaluation, `rlhflab sample`), so another
+generation backend can replace it without touching the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rlhflab.models.forward import entropy_from_logits, forward_response, logprobs_from_logits, shared_prefix_len
+
+
+@dataclass
+class Generation:
+    """Sampled answers for a batch of prompts. B = samples, Q = prompt tokens, T = answer tokens."""
+
+    query_ids: torch.Tensor  # (B, Q) prompt tokens, left-padded
+    query_mask: torch.Tensor  # (B, Q) 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B, T) sampled tokens; pad after the first EOS
+    response_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
+    has_eos: torch.Tensor  # (B,) bool, the answer emitted EOS within the budget
+    logprobs: torch.Tensor | None  # (B, T) log π_old(token) at the sampling temperature, from the rollout itself
+    entropy: torch.Tensor | None  # (B, T) entropy of π_old at each answer position
+    values: torch.Tensor | None  # (B, T) V(s_t) from a value head on the policy trunk, if one was given
+    texts: list[str]  # decoded answers without special tokens
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], 1)  # (B, Q+T)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask.long()], 1)  # (B, Q+T)
+
+    def trimmed(self, rows) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Prompt+answer of some rows without the columns that are padding in all of them (exact: only padding
+        goes), so a forward pass costs what the longest real sequence needs.
+
+        rows: a slice or index tensor -> (input_ids (b, L'), attention_mask (b, L'), answer length T')
+        """
+        query_mask, response_mask = self.query_mask[rows], self.response_mask[rows]
+        first_real = int(query_mask.argmax(1).min())  # left padding: first column any row uses
+        t = max(int(response_mask.sum(1).max()), 1)
+        ids = torch.cat([self.query_ids[rows, first_real:], self.response_ids[rows, :t]], 1)
+        mask = torch.cat([query_mask[:, first_real:], response_mask[:, :t].long()], 1)
+        return ids, mask, t
+
+
+@dataclass
+class Rollout:
+    """One iteration's experience: the generation plus everything scored and estimated about it."""
+
+    gen: Generation
+    prompts: list[str]  # (B,) prompt as the reward sees it
+    metadata: list[dict]  # (B,) per-prompt fields from the prompt file
+    scores: torch.Tensor  # (B,) task score after missing-EOS penalty and normalisation
+    raw_scores: torch.Tensor  # (B,) reward as returned, before any of that
+    components: dict[str, list[float]]  # reward component -> (B,) values
+    ref_logprobs: torch.Tensor  # (B, T) log π_ref(token)
+    values: torch.Tensor | None  # (B, T) V(s_t) from the critic before the update
+    kl: dict[str, torch.Tensor]  # k1/k2/k3 -> (B, T) per-token KL estimates
+    rewards: torch.Tensor | None = None  # (B, T) KL-shaped per-token rewards (critic path)
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None  # (B, T) value targets
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: generate, score, forwards
+
+
+def response_mask_after_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask that is 1 up to and including the first EOS, 0 after it (implementation detail 4).
+
+    response_ids (B, T) -> (mask (B, T) float, has_eos (B,) bool)
+    """
+    is_eos = response_ids == eos_id
+    after_first = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_first).float(), is_eos.any(1)
+
+
+class InverseCDFSampler:
+    """A logits processor that draws the next token (temperature, top-k, top-p) and leaves only that token
+    for `generate`'s greedy argmax.
+
+    transformers samples with torch.multinomial, which on CPU draws an exponential variate per vocabulary
+    entry: ~35 ms a step at batch 16 over SmolLM2's 49k vocabulary, a fifth of a decode step. A cumulative
+    sum and a binary search draw from the same distribution in ~3 ms; generate has no sampler hook, hence
+    this processor. The recorded logits (`output_logits`) stay the raw ones.
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.warpers = [TemperatureLogitsWarper(temperature)]
+        if top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        cdf = torch.softmax(scores.float(), -1).cumsum(-1)  # (B, V)
+        u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]  # (B, 1) in [0, total)
+        token = torch.searchsorted(cdf, u, right=True)  # first index with cdf > u: never a zero-probability token
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
+def _prefill(model: nn.Module, texts: list[str], enc: dict):
+    """The KV cache of every prompt but its last token, each piece of work done once: the prefix that all
+    prompts share (a chat template's system prompt) runs once at batch 1, each distinct prompt's remaining
+    tokens run once and are copied to its repeats (samples per prompt). `generate` then runs only the last
+    prompt token and the answer. The prompt forward is the costliest step of sampling short answers.
+
+    enc: the tokenizer's left-padded batch (B, Q). Returns None when nothing is shared, else
+    (cache, input_ids (B, W), attention_mask (B, W)) in the layout the cache holds, each row
+    [shared prefix | padding | rest of its prompt]; position ids skip the padding, so every row computes
+    what it would alone (tested).
+    """
+    unique_of = {text: j for j, text in enumerate(dict.fromkeys(texts))}  # distinct prompts in order
+    device = enc["input_ids"].device
+    rows = torch.tensor([texts.index(text) for text in unique_of], device=device)  # (U,) first rows
+    ids, mask = enc["input_ids"][rows], enc["attention_mask"][rows]  # (U, Q)
+    P = shared_prefix_len(ids, mask, 0)  # leaves ≥ 1 token of each prompt outside the prefix
+    if P == 0 and len(unique_of) == len(texts):
+        return None
+    rests = [row[m.bool()][P:] for row, m in zip(ids, mask)]  # each prompt after the prefix
+    R = max(len(r) for r in rests)
+    layout_ids = ids.new_zeros(len(rests), P + R)
+    layout_mask = mask.new_zeros(len(rests), P + R)
+    layout_ids[:, :P], layout_mask[:, :P] = ids[0, mask[0].argmax() :][:P], 1
+    for b, rest in enumerate(rests):
+        layout_ids[b, P + R - len(rest) :], layout_mask[b, P + R - len(rest) :] = rest, 1
+    position_ids = (layout_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = None
+    if P > 0:
+        cache = model(input_ids=layout_ids[:1, :P], position_ids=position_ids[:1, :P], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(rests))
+    if R > 1:  # the rest but the last column
+        cache = model(input_ids=layout_ids[:, P:-1], attention_mask=layout_mask[:, :-1],
+                      position_ids=position_ids[:, P:-1], past_key_values=cache, use_cache=True).past_key_values
+    if cache is None:  # every prompt is one token
+        return None
+    repeats = torch.tensor([unique_of[t] for t in texts], device=device)  # (B,) distinct prompt of each row
+    cache.batch_select_indices(repeats)  # (U, ...) -> (B, ...)
+    return cache, layout_ids[repeats], layout_mask[repeats]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    with_logprobs: bool = True,
+    batch_size: int | None = None,
+    value_head: nn.Module | None = None,
+) -> Generation:
+    """Sample one answer per text (repeat texts for several samples per prompt).
+
+    Stops as soon as every sequence of a batch has emitted EOS. Log-probs come from the raw logits of the
+    sampling steps divided by the temperature: the same numbers a training forward would give, without a
+    second pass (implementation detail 6); top-k/top-p only restrict which tokens are drawn. A value head on
+    the policy trunk (shared critic) reads the last hidden states of the same steps, saving a forward pass.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,  # greedy, or greedy over the sampler's one remaining token
+        temperature=None,
+        top_k=None,
+        top_p=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=with_logprobs,
+        output_hidden_states=value_head is not None,
+    )
+    sampler = LogitsProcessorList([InverseCDFSampler(temperature, top_k, top_p)] if do_sample else [])
+    parts = []
+    step = batch_size or len(texts)
+    for start in range(0, len(texts), step):
+        batch = texts[start : start + step]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        prefill = _prefill(model, batch, enc)
+        cache, ids, mask = (None, enc["input_ids"], enc["attention_mask"]) if prefill is None else prefill
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, past_key_values=cache,
+                             logits_processor=sampler)
+        q = ids.shape[1]
+        response_ids = out.sequences[:, q:]  # (b, T)
+        logprobs = entropy = values = None
+        if with_logprobs:
+            logits = torch.stack(out.logits, 1)  # (b, T, V)
+            logprobs = logprobs_from_logits(logits, response_ids, temperature)
+            entropy = entropy_from_logits(logits, temperature)
+        if value_head is not None:
+            # step t's last-layer state at the newest position is the state that predicts answer token t
+            hidden = torch.cat([step[-1][:, -1:] for step in out.hidden_states], 1)  # (b, T, H)
+            values = value_head(hidden)
+        parts.append((enc["input_ids"], enc["attention_mask"], response_ids, logprobs, entropy, values))
+    model.train(was_training)
+
+    def cat(i: int, pad: int, left: bool) -> torch.Tensor:
+        tensors = [p[i] for p in parts]
+        width = max(t.shape[1] for t in tensors)
+        padded = []
+        for t in tensors:
+            fill = t.new_full((t.shape[0], width - t.shape[1]), pad)
+            padded.append(torch.cat([fill, t] if left else [t, fill], 1))
+        return torch.cat(padded)
+
+    query_ids = cat(0, tokenizer.pad_token_id, left=True)
+    query_mask = cat(1, 0, left=True)
+    response_ids = cat(2, tokenizer.pad_token_id, left=False)
+    mask, has_eos = response_mask_after_eos(response_ids, tokenizer.eos_token_id)
+    response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)
+    logprobs = cat(3, 0.0, left=False) * mask if with_logprobs else None
+    entropy = cat(4, 0.0, left=False) * mask if with_logprobs else None
+    values = cat(5, 0.0, left=False) * mask if value_head is not None else None
+    texts_out = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return Generation(query_ids, query_mask, response_ids, mask, has_eos, logprobs, entropy, values, texts_out)
+
+
+@torch.no_grad()
+def forward_answers(
+    gen: Generation,
+    model: nn.Module,
+    temperature: float,
+    batch_size: int | None = None,
+    value_head: nn.Module | None = None,
+    with_logits: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs (and values, with a value head) of a generation's answers under `model`, from forward passes
+    over `batch_size` rows at a time with all-padding columns trimmed: the reference's log-probs, a separate
+    critic's values. Returns ((B, T) log-probs or None, (B, T) values or None), zero after each first EOS.
+    """
+    B, T = gen.response_ids.shape
+    mask = gen.response_mask
+    logprobs = mask.new_zeros(B, T) if with_logits else None
+    values = mask.new_zeros(B, T) if value_head is not None else None
+    step = batch_size or B
+    for s in (slice(i, i + step) for i in range(0, B, step)):
+        i, a, t = gen.trimmed(s)
+        out = forward_response(model, i, a, t, temperature, value_head, with_logits=with_logits)
+        if logprobs is not None:
+            logprobs[s, :t] = out.logprobs
+        if values is not None:
+            values[s, :t] = out.values
+    return (logprobs * mask if logprobs is not None else None), (values * mask if values is not None else None)

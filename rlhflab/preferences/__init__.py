@@ -1,0 +1,1 @@
+"""Preference pairs: the SQLite store, terminal labeling, import/export, and the AI judge."""
