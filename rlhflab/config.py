@@ -107,10 +107,10 @@ class PPOConfig(Section):
     """`gae` (learned critic), `reinforce` (mean baseline), `rloo` (leave-one-out), `grpo` (group-normalised)."""
     kl_coef: float = Field(0.05, ge=0)
     """β: weight of the KL penalty to the reference (initial value when adaptive)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """KL estimator in the penalty (all three are logged)."""
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    """KL estimator optimised and logged as objective/kl (None: k1 in the reward, k3 in the loss; all three are logged)."""
     kl_in: Literal["reward", "loss"] = "reward"
-    """Put the KL penalty per token in the reward (classic RLHF) or in the loss (GRPO style; use k3 or k2 there)."""
+    """Put the KL penalty per token in the reward (classic RLHF) or in the loss (GRPO style; k1 has no gradient there)."""
     adaptive_kl_target: float | None = Field(None, gt=0)
     """Target KL in nats per answer for the adaptive controller (None: fixed β)."""
     adaptive_kl_horizon: float = Field(10000, gt=0)
@@ -153,6 +153,11 @@ class PPOConfig(Section):
     """Skip a minibatch whose mean policy ratio exceeds this (the old TRL guardrail)."""
     critic_warmup_iterations: int = Field(0, ge=0)
     """Iterations at the start during which only the critic steps (policy weights and LR schedule frozen)."""
+
+    @property
+    def optimized_kl_estimator(self) -> str:
+        # k1 in the loss has zero expected gradient (docs/ppo.md, detail 8): k3 there, as GRPO
+        return self.kl_estimator or ("k3" if self.kl_in == "loss" else "k1")
 
     @property
     def whitens_advantages(self) -> bool:

@@ -88,14 +88,15 @@ def test_gradients_do_not_depend_on_micro_batch_size(tiny_config, tmp_path, norm
     assert (grads[1] - grads[8]).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-def test_kl_in_loss_uses_the_configured_estimator(tiny_config, tmp_path, estimator):
+@pytest.mark.parametrize("estimator, used", [("k1", "k1"), ("k2", "k2"), ("k3", "k3"), (None, "k3")])
+def test_kl_in_loss_uses_the_configured_estimator(tiny_config, tmp_path, estimator, used):
     _set(tiny_config.ppo, advantage_estimator="grpo", kl_in="loss", kl_estimator=estimator)
+    assert tiny_config.ppo.optimized_kl_estimator == used  # None: k3 in the loss
     trainer = PPOTrainer(tiny_config, tmp_path)
     ro = trainer.collect()
     mask = ro.gen.response_mask
     ro.ref_logprobs = (ro.gen.logprobs - 0.5) * mask  # log π − log π_ref = 0.5 on every token
-    expected = {"k1": 0.5, "k2": 0.5 * 0.5**2, "k3": torch.tensor(-0.5).expm1().item() + 0.5}[estimator]
+    expected = {"k1": 0.5, "k2": 0.5 * 0.5**2, "k3": torch.tensor(-0.5).expm1().item() + 0.5}[used]
     rows = torch.arange(8)
     terms, _ = trainer.loss_terms(ro, rows, loss_denominator(mask, "token"))
     assert terms["kl"].item() == pytest.approx(expected, abs=1e-4)  # the policy still equals the sampler
@@ -112,6 +113,10 @@ def test_approx_kl_early_stop(tiny_config, tmp_path, check, steps):
     row = trainer.iteration_step(Tracker(tmp_path, [], "t", "t", {}))
     assert row["policy/epochs"] == 1.0
     assert row["policy/optimizer_steps"] == steps
+
+
+def test_kl_estimator_default_is_k1_in_the_reward(tiny_config):
+    assert tiny_config.ppo.kl_estimator is None and tiny_config.ppo.optimized_kl_estimator == "k1"
 
 
 def test_whitening_default_depends_on_the_estimator(tiny_config):

@@ -197,7 +197,7 @@ class PPOTrainer:
     def _advantages(self, ro: Rollout) -> None:
         c, mask = self.config, ro.gen.response_mask
         kl_in_reward = self.kl_coef if c.ppo.kl_in == "reward" else 0.0
-        kl = ro.kl[c.ppo.kl_estimator]
+        kl = ro.kl[c.ppo.optimized_kl_estimator]
         if c.ppo.advantage_estimator == "gae":
             ro.rewards = shape_rewards(ro.scores, kl, mask, kl_in_reward)
             ro.advantages, ro.returns = gae(ro.rewards, ro.values, mask, c.ppo.gamma, c.ppo.lam)
@@ -219,7 +219,7 @@ class PPOTrainer:
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One micro-batch's loss terms, each its share of the minibatch's normalised sum (`loss_weights` with
         the minibatch's `denominator`): the clipped surrogate `policy`, the `kl` to the reference with
-        `ppo.kl_estimator` (kl_in: loss), the `entropy`, the critic's `value` loss. -> (terms, stats)."""
+        `ppo.optimized_kl_estimator` (kl_in: loss), the `entropy`, the critic's `value` loss. -> (terms, stats)."""
         c, gen = self.config, ro.gen
         i, a, t = gen.trimmed(rows)
         mask = gen.response_mask[rows, :t]  # (b, T')
@@ -231,7 +231,7 @@ class PPOTrainer:
                                           c.ppo.clip_range, c.ppo.dual_clip, w)
         stats.update({f"policy/{k}": v for k, v in pg.items()})
         if c.ppo.kl_in == "loss":
-            kl = kl_estimators(out.logprobs, ro.ref_logprobs[rows, :t])[c.ppo.kl_estimator]  # (b, T')
+            kl = kl_estimators(out.logprobs, ro.ref_logprobs[rows, :t])[c.ppo.optimized_kl_estimator]  # (b, T')
             terms["kl"] = masked_sum(kl, w)
         if out.entropy is not None:
             terms["entropy"] = masked_sum(out.entropy, w)
@@ -343,7 +343,7 @@ class PPOTrainer:
 
         c, mask = self.config, ro.gen.response_mask
         per_answer = {k: v.sum(1) for k, v in ro.kl.items()}  # (B,) nats per answer
-        kl_used = per_answer[c.ppo.kl_estimator]
+        kl_used = per_answer[c.ppo.optimized_kl_estimator]
         m = {
             "objective/scores": ro.raw_scores.mean().item(),
             "objective/scores_std": ro.raw_scores.std().item() if len(ro.raw_scores) > 1 else 0.0,
