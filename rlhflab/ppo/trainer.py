@@ -26,7 +26,7 @@ from torch import nn
 from rlhflab.config import Config
 from rlhflab.data.prompts import PromptSampler, load_prompts, render_prompt, resolve_prompt_format
 from rlhflab.errors import UserError
-from rlhflab.models.forward import Forward, ValueHead, forward_response
+from rlhflab.models.forward import ValueHead, forward_response
 from rlhflab.models.loading import (
     add_lookup_grad_in_place,
     add_lora,
@@ -224,8 +224,8 @@ class PPOTrainer:
         i, a, t = gen.trimmed(rows)
         mask = gen.response_mask[rows, :t]  # (b, T')
         w = loss_weights(mask, c.ppo.loss_normalization, denominator)  # (b, T')
-        out: Forward = forward_response(self.policy, i, a, t, c.rollout.temperature, self.critic.policy_head,
-                                        with_entropy=c.ppo.entropy_coef > 0)
+        out = forward_response(self.policy, i, a, t, c.rollout.temperature, self.critic.policy_head,
+                               with_entropy=c.ppo.entropy_coef > 0)
         terms, stats = {}, {}
         terms["policy"], pg = policy_loss(out.logprobs, gen.logprobs[rows, :t], ro.advantages[rows, :t], mask,
                                           c.ppo.clip_range, c.ppo.dual_clip, w)
