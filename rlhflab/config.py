@@ -107,10 +107,10 @@ class PPOConfig(Section):
     """`gae` (learned critic), `reinforce` (mean baseline), `rloo` (leave-one-out), `grpo` (group-normalised)."""
     kl_coef: float = Field(0.05, ge=0)
     """β: weight of the KL penalty to the reference (initial value when adaptive)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """KL estimator in the penalty (all three are logged)."""
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    """KL estimator optimised and logged as objective/kl (None: k1 in the reward, k3 in the loss; all three are logged)."""
     kl_in: Literal["reward", "loss"] = "reward"
-    """Put the KL penalty per token in the reward (classic RLHF) or as a k3 term in the loss (GRPO style)."""
+    """Put the KL penalty per token in the reward (classic RLHF) or in the loss (GRPO style; k1 has no gradient there)."""
     adaptive_kl_target: float | None = Field(None, gt=0)
     """Target KL in nats per answer for the adaptive controller (None: fixed β)."""
     adaptive_kl_horizon: float = Field(10000, gt=0)
@@ -119,8 +119,8 @@ class PPOConfig(Section):
     """Discount."""
     lam: float = Field(0.95, ge=0, le=1)
     """GAE λ."""
-    whiten_advantages: bool = True
-    """Shift and scale advantages to mean 0, std 1 per batch."""
+    whiten_advantages: bool | None = None
+    """Shift and scale advantages to mean 0, std 1 per batch (None: on, except for grpo, already normalised per group)."""
     advantage_clip: float | None = Field(None, gt=0)
     """Clip advantages to ±advantage_clip after whitening (None: off)."""
     clip_range: float = Field(0.2, gt=0)
@@ -141,14 +141,27 @@ class PPOConfig(Section):
     """Samples per optimizer step."""
     micro_batch_size: int | None = Field(None, ge=1)
     """Samples per forward/backward (None: the whole minibatch)."""
+    loss_normalization: Literal["token", "sequence"] = "token"
+    """Divide a minibatch's summed token losses by its response tokens (`token`) or average each answer's token mean (`sequence`)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the gradient norm (None: off)."""
     target_approx_kl: float | None = Field(None, gt=0)
-    """Stop an iteration's remaining epochs once the mean approx-KL passes this (None: off)."""
+    """Stop the iteration's update once the approx-KL passes this (None: off); where is `approx_kl_check`."""
+    approx_kl_check: Literal["after_epoch", "before_step"] = "after_epoch"
+    """`after_epoch`: an epoch's mean approx-KL stops the epochs left; `before_step`: a minibatch's stops it unstepped."""
     ratio_threshold: float = Field(10.0, gt=1)
     """Skip a minibatch whose mean policy ratio exceeds this (the old TRL guardrail)."""
     critic_warmup_iterations: int = Field(0, ge=0)
-    """Iterations at the start during which only the critic learns (policy frozen)."""
+    """Iterations at the start during which only the critic steps (policy weights and LR schedule frozen)."""
+
+    @property
+    def optimized_kl_estimator(self) -> str:
+        # k1 in the loss has zero expected gradient (docs/ppo.md, detail 8): k3 there, as GRPO
+        return self.kl_estimator or ("k3" if self.kl_in == "loss" else "k1")
+
+    @property
+    def whitens_advantages(self) -> bool:
+        return self.whiten_advantages if self.whiten_advantages is not None else self.advantage_estimator != "grpo"
 
 
 class TrainConfig(Section):
@@ -243,6 +256,11 @@ class Config(Section):
             raise ValueError(
                 "model.critic_init needs a separate critic with a linear value head: set model.critic=separate, "
                 "model.value_head=linear and ppo.advantage_estimator=gae, or drop model.critic_init"
+            )
+        if self.ppo.critic_warmup_iterations and not self.uses_critic:
+            raise ValueError(
+                f"ppo.critic_warmup_iterations={self.ppo.critic_warmup_iterations} needs a critic, but "
+                f"ppo.advantage_estimator={self.ppo.advantage_estimator} builds none; set it to 0 or use gae"
             )
         if self.ppo.advantage_estimator in ("rloo", "grpo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(

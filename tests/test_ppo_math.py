@@ -15,7 +15,7 @@ from rlhflab.ppo.advantages import (
     shape_rewards,
 )
 from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
-from rlhflab.ppo.losses import policy_loss, value_loss
+from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss
 from rlhflab.ppo.rollout import response_mask_after_eos
 from rlhflab.ppo.stats import explained_variance, masked_mean, masked_var, masked_whiten
 from rlhflab.rewards.reward_model import bradley_terry_loss
@@ -181,6 +181,46 @@ def test_masks_ignore_padding_in_losses():
     base, _ = policy_loss(lp, old, adv, mask, 0.2)
     junk = torch.where(mask.bool(), lp, torch.full_like(lp, 50.0))
     assert policy_loss(junk, old, adv, mask, 0.2)[0].item() == pytest.approx(base.item())
+
+
+def test_loss_weights_hand_values():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # answers of 2 and 1 tokens
+    assert loss_denominator(mask, "token").item() == 3.0
+    assert loss_denominator(mask, "sequence").item() == 2.0
+    token = loss_weights(mask, "token", loss_denominator(mask, "token"))
+    assert torch.allclose(token, torch.tensor([[1 / 3, 1 / 3, 0.0], [1 / 3, 0.0, 0.0]]))
+    sequence = loss_weights(mask, "sequence", loss_denominator(mask, "sequence"))
+    # each answer's token mean, averaged over the 2 answers: 1/(2·2) per token of the first, 1/(1·2) for the second
+    assert sequence.tolist() == [[0.25, 0.25, 0.0], [0.5, 0.0, 0.0]]
+    # a given (e.g. global, over processes) denominator is used as given
+    given = loss_weights(mask, "token", torch.tensor(6.0))
+    assert torch.allclose(given, torch.tensor([[1 / 6, 1 / 6, 0.0], [1 / 6, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_weighted_losses_add_up_over_micro_batches(normalization):
+    """Micro-batch losses weighted with the minibatch's denominator sum to the whole minibatch's loss."""
+    torch.manual_seed(0)
+    lp, old, adv, v, v_old, ret = (torch.randn(4, 5) for _ in range(6))
+    mask = (torch.arange(5) < torch.tensor([[5], [1], [3], [2]])).float()  # lengths 5, 1, 3, 2
+    d = loss_denominator(mask, normalization)
+
+    def losses(rows):
+        w = loss_weights(mask[rows], normalization, d)
+        pg, stats = policy_loss(lp[rows], old[rows], adv[rows], mask[rows], 0.2, weights=w)
+        vl, _ = value_loss(v[rows], v_old[rows], ret[rows], mask[rows], 0.2, weights=w)
+        return torch.stack([pg, vl, stats["approxkl"]])
+
+    whole = losses(slice(0, 4))
+    assert sum(losses(slice(i, i + 1)) for i in range(4)) == pytest.approx(whole, abs=1e-6)
+    assert losses(slice(0, 2)) + losses(slice(2, 4)) == pytest.approx(whole, abs=1e-6)
+    # the policy loss by hand: per-token losses, then token- or sequence-normalised
+    per_token = torch.max(-adv * torch.exp(lp - old), -adv * torch.clamp(torch.exp(lp - old), 0.8, 1.2))
+    if normalization == "token":
+        expected = (per_token * mask).sum() / mask.sum()
+    else:
+        expected = ((per_token * mask).sum(1) / mask.sum(1)).mean()
+    assert whole[0].item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_response_mask_after_first_eos():

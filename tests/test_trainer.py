@@ -26,8 +26,8 @@ def test_full_finetune_changes_every_trainable_parameter(tiny_config, tmp_path, 
     tiny_config.model.critic = critic
     trainer = PPOTrainer(tiny_config, tmp_path)
     policy0, ref0 = _snapshot(trainer.policy), _snapshot(trainer.ref_model)
-    head0 = _snapshot(trainer.value_head)
-    critic0 = _snapshot(trainer.critic) if trainer.critic is not None else {}
+    head0 = _snapshot(trainer.critic.head)
+    critic0 = _snapshot(trainer.critic.model) if critic == "separate" else {}
     tracker = Tracker(tmp_path, [], "t", "t", {})
     rows = [trainer.iteration_step(tracker) for _ in range(2)]
     for row in rows:
@@ -35,9 +35,9 @@ def test_full_finetune_changes_every_trainable_parameter(tiny_config, tmp_path, 
             assert torch.isfinite(torch.tensor(row[key])), key
     unchanged = [n for n, p in trainer.policy.named_parameters() if torch.equal(p, policy0[n])]
     assert not unchanged, f"policy parameters that did not move: {unchanged}"
-    assert all(not torch.equal(p, head0[n]) for n, p in trainer.value_head.named_parameters())
-    if trainer.critic is not None:
-        assert all(not torch.equal(p, critic0[n]) for n, p in trainer.critic.named_parameters())
+    assert all(not torch.equal(p, head0[n]) for n, p in trainer.critic.head.named_parameters())
+    if critic == "separate":
+        assert all(not torch.equal(p, critic0[n]) for n, p in trainer.critic.model.named_parameters())
     assert all(torch.equal(p, ref0[n]) for n, p in trainer.ref_model.named_parameters())
 
 
@@ -47,7 +47,7 @@ def test_lora_trains_adapters_and_keeps_base_as_reference(tiny_config, tmp_path)
     trainer = PPOTrainer(tiny_config, tmp_path)
     assert trainer.ref_model is None  # the reference is the base with adapters disabled
     before = _snapshot(trainer.policy)
-    critic_before = _snapshot(trainer.critic)
+    critic_before = _snapshot(trainer.critic.model)
     tracker = Tracker(tmp_path, [], "t", "t", {})
     for _ in range(2):
         trainer.iteration_step(tracker)
@@ -55,8 +55,8 @@ def test_lora_trains_adapters_and_keeps_base_as_reference(tiny_config, tmp_path)
     lora = [n for n in after if "lora_" in n]
     assert lora and all(not torch.equal(after[n], before[n]) for n in lora)
     assert all(torch.equal(after[n], before[n]) for n in after if "lora_" not in n)
-    critic_lora = [n for n, p in trainer.critic.named_parameters() if "lora_" in n]
-    assert all(not torch.equal(dict(trainer.critic.named_parameters())[n], critic_before[n]) for n in critic_lora)
+    critic_lora = [n for n, p in trainer.critic.model.named_parameters() if "lora_" in n]
+    assert all(not torch.equal(dict(trainer.critic.model.named_parameters())[n], critic_before[n]) for n in critic_lora)
 
 
 def test_first_iteration_kl_is_zero_and_ratio_starts_at_one(tiny_config, tmp_path):
@@ -75,7 +75,7 @@ def test_first_iteration_kl_is_zero_and_ratio_starts_at_one(tiny_config, tmp_pat
 def test_critic_free_estimators_build_no_value_model(tiny_config, tmp_path, estimator):
     tiny_config.ppo.advantage_estimator = estimator
     trainer, rows = _run(tiny_config, tmp_path)
-    assert trainer.value_head is None and trainer.critic is None
+    assert trainer.critic.head is None and not trainer.critic.parameters() and trainer.critic.optimizer is None
     assert "loss/value" not in rows[-1] and "policy/advantage_var" in rows[-1]
 
 

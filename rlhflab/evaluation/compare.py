@@ -22,6 +22,7 @@ from pathlib import Path
 
 import matplotlib as mpl
 
+from rlhflab.config import PPOConfig
 from rlhflab.errors import UserError
 from rlhflab.evaluation.document import (
     Details,
@@ -121,7 +122,10 @@ def _label(settings: dict[str, object]) -> str:
 def _read_run(run_dir: Path, group: str, run: Run | None = None) -> RunData:
     run = run or load_run(Path(run_dir))
     seed = (run.config.get("train") or {}).get("seed")
-    whitened = (run.config.get("ppo") or {}).get("whiten_advantages")
+    ppo = run.config.get("ppo") or {}
+    whitened = ppo.get("whiten_advantages")
+    if whitened is None and "advantage_estimator" in ppo:  # the default, which depends on the estimator
+        whitened = PPOConfig(advantage_estimator=ppo["advantage_estimator"]).whitens_advantages
     return RunData(Path(run_dir), group, seed, run.rows, run.samples, whitened)
 
 

@@ -7,7 +7,8 @@
   5. update      `ppo.epochs` passes of reshuffled minibatches: clipped surrogate, clipped value loss
   6. record      metrics, samples, adaptive β, probe evaluation, checkpoint
 
-The math lives in `ppo_math.py`; models and the forward pass in `models.py`; sampling in `rollout.py`.
+The math lives in `kl.py`, `advantages.py`, `losses.py`, `stats.py`; the value model in `critic.py`; sampling in
+`rollout.py`; the forward pass in `models/forward.py`.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ from rlhflab.ppo.advantages import (
     rloo_advantages,
     shape_rewards,
 )
+from rlhflab.ppo.critic import Critic, SeparateCritic, SharedHeadCritic, critic_from_reward_model
 from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
-from rlhflab.ppo.losses import policy_loss, value_loss
+from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss
 from rlhflab.ppo.rollout import Rollout, forward_answers, generate
-from rlhflab.ppo.stats import explained_variance, masked_mean, masked_var, masked_whiten
+from rlhflab.ppo.stats import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
 from rlhflab.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from rlhflab.runs.tracking import Tracker, truncate_jsonl
 
@@ -76,13 +78,15 @@ class PPOTrainer:
         self.sampler = PromptSampler(len(self.prompts), c.data.shuffle, self.seed)
 
         self.policy, self.ref_model = self._build_policy_and_reference()
-        self.value_head, self.critic = self._build_critic()
-        self.policy_opt, self.policy_sched = self._optimizer(self._policy_params(), c.train.learning_rate)
-        self.critic_opt = self.critic_sched = None
-        if self.critic is not None:
-            critic_params = [p for p in self.critic.parameters() if p.requires_grad] + list(self.value_head.parameters())
-            self.critic_opt, self.critic_sched = self._optimizer(
-                critic_params, c.train.critic_learning_rate or c.train.learning_rate)
+        self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.critic = self._build_critic()
+        # the policy's schedule spans the steps it takes: none during critic warm-up
+        policy_iterations = c.train.iterations - c.ppo.critic_warmup_iterations
+        self.policy_opt, self.policy_sched = self._optimizer(self.policy_params, c.train.learning_rate,
+                                                             policy_iterations)
+        if self.critic.parameters():
+            self.critic.optimizer, self.critic.scheduler = self._optimizer(
+                self.critic.parameters(), c.train.critic_learning_rate or c.train.learning_rate, c.train.iterations)
         self.kl_coef = c.ppo.kl_coef
         self.iteration = 0
 
@@ -108,58 +112,34 @@ class PPOTrainer:
         ref = load_causal_lm(c.model.name, self.device, self.dtype).eval().requires_grad_(False)
         return policy, ref
 
-    def _build_critic(self) -> tuple[ValueHead | None, nn.Module | None]:
+    def _build_critic(self) -> Critic:
         c = self.config
         if not c.uses_critic:
-            return None, None  # critic-free estimators build and step no value model
-        hidden = self.policy.config.hidden_size
-        head = ValueHead(hidden, c.model.value_head).to(self.device)
+            return Critic()  # critic-free estimators build and step no value model
+        head = ValueHead(self.policy.config.hidden_size, c.model.value_head).to(self.device)
         if c.model.critic == "shared":
-            return head, None
+            return SharedHeadCritic(head, c.ppo.vf_coef)
         if c.model.critic_init is not None:
-            critic = self._critic_from_reward_model(c.model.critic_init, head)
+            model = critic_from_reward_model(c.model.critic_init, head, self.policy.config.hidden_size, self.device)
         else:
-            critic = load_causal_lm(c.model.name, self.device, self.dtype)
+            model = load_causal_lm(c.model.name, self.device, self.dtype)
         if c.model.lora.enabled:
-            critic = add_lora(critic, c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules)
-        return head, critic
+            model = add_lora(model, c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules)
+        return SeparateCritic(model, head)
 
-    def _critic_from_reward_model(self, rm_dir: str, head: ValueHead) -> nn.Module:
-        """The critic as the reward model: its trunk, and its normalised head as the value head, so V(s_t)
-        starts as the RM's score of the text up to t (an implementation detail of OpenRLHF and the N+
-        details); the values then learn the KL-shaped return from there."""
-        from rlhflab.rewards.reward_model import load_reward_model
-
-        rm = load_reward_model(rm_dir, device=str(self.device))
-        critic = rm.model.backbone
-        if not hasattr(critic, "get_decoder") or critic.config.hidden_size != self.policy.config.hidden_size:
-            raise UserError(f"model.critic_init={rm_dir}: the reward model must be a causal-LM reward model with "
-                            f"hidden size {self.policy.config.hidden_size} (the policy's); train it with "
-                            "`rlhflab rm train --base` set to the policy's model")
-        with torch.no_grad():
-            head.net[0].weight.copy_(rm.model.head.linear.weight)
-            head.net[0].bias.copy_(rm.model.head.linear.bias)
-        return critic.train().requires_grad_(True)
-
-    def _policy_params(self) -> list[nn.Parameter]:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if self.value_head is not None and self.critic is None:
-            params += list(self.value_head.parameters())
-        return params
-
-    @property
-    def optimizer_steps_total(self) -> int:
+    def optimizer_steps(self, iterations: int) -> int:
         c = self.config
-        return c.train.iterations * c.ppo.epochs * (c.rollout_batch_size // c.ppo.minibatch_size)
+        return iterations * c.ppo.epochs * (c.rollout_batch_size // c.ppo.minibatch_size)
 
-    def _optimizer(self, params, lr: float):
+    def _optimizer(self, params, lr: float, iterations: int):
         from transformers import get_scheduler
 
         t = self.config.train
         # fused: one kernel for all parameters instead of ~10 elementwise passes each (a large share of a CPU step)
         opt = torch.optim.AdamW(params, lr=lr, eps=t.adam_eps, weight_decay=t.weight_decay, fused=True)
         kind = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_schedule]
-        sched = get_scheduler(kind, opt, num_warmup_steps=t.warmup_steps, num_training_steps=self.optimizer_steps_total)
+        sched = get_scheduler(kind, opt, num_warmup_steps=t.warmup_steps,
+                              num_training_steps=self.optimizer_steps(iterations))
         return opt, sched
 
     def _reference_context(self):
@@ -169,15 +149,12 @@ class PPOTrainer:
     # stages 1-4: experience
 
     def _score_forwards(self, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Reference log-probs, and separate-critic values, in rollout-sized batches with padding trimmed."""
+        """Reference log-probs and the critic's values, in rollout-sized batches with padding trimmed."""
         c = self.config
         step, temperature = c.rollout.generation_batch_size, c.rollout.temperature
         with self._reference_context():
             ref_logprobs, _ = forward_answers(gen, self.ref_model or self.policy, temperature, step)
-        values = gen.values  # a head on the policy trunk read them during sampling
-        if self.critic is not None:
-            _, values = forward_answers(gen, self.critic, temperature, step, self.value_head, with_logits=False)
-        return ref_logprobs, values
+        return ref_logprobs, self.critic.rollout_values(gen, temperature, step)
 
     def _normalize_scores(self, scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         r = self.config.reward
@@ -195,10 +172,9 @@ class PPOTrainer:
         idx = [i for i in self.sampler.draw(c.rollout.prompts_per_iteration) for _ in range(c.rollout.samples_per_prompt)]
         t0 = time.perf_counter()
         # 1. rollout
-        shared_head = self.value_head if self.critic is None else None
         gen = generate(self.policy, self.tokenizer, [self.prompt_texts[i] for i in idx], c.rollout.max_new_tokens,
                        c.rollout.temperature, c.rollout.top_k, c.rollout.top_p,
-                       batch_size=c.rollout.generation_batch_size, value_head=shared_head)
+                       batch_size=c.rollout.generation_batch_size, value_head=self.critic.policy_head)
         t1 = time.perf_counter()
         # 2. score
         prompts = [self.prompts[i].display for i in idx]
@@ -221,7 +197,7 @@ class PPOTrainer:
     def _advantages(self, ro: Rollout) -> None:
         c, mask = self.config, ro.gen.response_mask
         kl_in_reward = self.kl_coef if c.ppo.kl_in == "reward" else 0.0
-        kl = ro.kl[c.ppo.kl_estimator]
+        kl = ro.kl[c.ppo.optimized_kl_estimator]
         if c.ppo.advantage_estimator == "gae":
             ro.rewards = shape_rewards(ro.scores, kl, mask, kl_in_reward)
             ro.advantages, ro.returns = gae(ro.rewards, ro.values, mask, c.ppo.gamma, c.ppo.lam)
@@ -231,7 +207,7 @@ class PPOTrainer:
             estimator = {"reinforce": reinforce_advantages, "rloo": rloo_advantages,
                          "grpo": group_normalized_advantages}[c.ppo.advantage_estimator]
             ro.advantages = estimator(seq_reward, c.rollout.samples_per_prompt).unsqueeze(1) * mask
-        if c.ppo.whiten_advantages:
+        if c.ppo.whitens_advantages:
             ro.advantages = masked_whiten(ro.advantages, mask)
         if c.ppo.advantage_clip is not None:
             ro.advantages = ro.advantages.clamp(-c.ppo.advantage_clip, c.ppo.advantage_clip) * mask
@@ -239,86 +215,125 @@ class PPOTrainer:
     # -----------------------------------------------------------------------------------------------
     # stage 5: PPO epochs
 
-    def update(self, ro: Rollout) -> dict[str, float]:
+    def loss_terms(self, ro: Rollout, rows: torch.Tensor, denominator: torch.Tensor
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One micro-batch's loss terms, each its share of the minibatch's normalised sum (`loss_weights` with
+        the minibatch's `denominator`): the clipped surrogate `policy`, the `kl` to the reference with
+        `ppo.optimized_kl_estimator` (kl_in: loss), the `entropy`, the critic's `value` loss. -> (terms, stats)."""
+        c, gen = self.config, ro.gen
+        i, a, t = gen.trimmed(rows)
+        mask = gen.response_mask[rows, :t]  # (b, T')
+        w = loss_weights(mask, c.ppo.loss_normalization, denominator)  # (b, T')
+        out = forward_response(self.policy, i, a, t, c.rollout.temperature, self.critic.policy_head,
+                               with_entropy=c.ppo.entropy_coef > 0)
+        terms, stats = {}, {}
+        terms["policy"], pg = policy_loss(out.logprobs, gen.logprobs[rows, :t], ro.advantages[rows, :t], mask,
+                                          c.ppo.clip_range, c.ppo.dual_clip, w)
+        stats.update({f"policy/{k}": v for k, v in pg.items()})
+        if c.ppo.kl_in == "loss":
+            kl = kl_estimators(out.logprobs, ro.ref_logprobs[rows, :t])[c.ppo.optimized_kl_estimator]  # (b, T')
+            terms["kl"] = masked_sum(kl, w)
+        if out.entropy is not None:
+            terms["entropy"] = masked_sum(out.entropy, w)
+        values = self.critic.update_values(out, i, a, t, c.rollout.temperature)
+        if values is not None:
+            terms["value"], stats["value/clipfrac"] = value_loss(
+                values, ro.values[rows, :t], ro.returns[rows, :t], mask, c.ppo.clip_range_value, c.ppo.value_loss, w)
+        return terms, stats
+
+    def total_loss(self, terms: dict[str, torch.Tensor], train_policy: bool) -> torch.Tensor:
+        """What the update minimises; during critic warm-up only the value loss."""
         c = self.config
-        gen = ro.gen
+        loss = self.critic.loss_coef * terms["value"] if "value" in terms else 0.0
+        if train_policy:
+            loss = loss + terms["policy"]
+            if "kl" in terms:
+                loss = loss + self.kl_coef * terms["kl"]
+            if "entropy" in terms:
+                loss = loss - c.ppo.entropy_coef * terms["entropy"]
+        return loss
+
+    def update(self, ro: Rollout) -> dict[str, float]:
+        """Stage 5: `ppo.epochs` passes over the batch in reshuffled minibatches; each minibatch accumulates its
+        micro-batches' gradients, then takes one optimizer step."""
+        c = self.config
         N, mb, micro = c.rollout_batch_size, c.ppo.minibatch_size, c.micro_batch_size
         train_policy = self.iteration > c.ppo.critic_warmup_iterations
-        want_entropy = c.ppo.entropy_coef > 0
+        target, check_before_step = c.ppo.target_approx_kl, c.ppo.approx_kl_check == "before_step"
         stats: dict[str, list[float]] = {}
+        epochs = steps = 0
+        stopped = False
         self.policy.train()
-        for epoch in range(c.ppo.epochs):
+        while epochs < c.ppo.epochs and not stopped:
+            epochs += 1
             perm = torch.randperm(N)
             epoch_kl = []
             for start in range(0, N, mb):
-                mb_idx = perm[start : start + mb]
-                mb_stats: dict[str, list[float]] = {}
+                rows = perm[start : start + mb]
+                denominator = loss_denominator(ro.gen.response_mask[rows], c.ppo.loss_normalization)
+                mb_stats: dict[str, float] = {}
                 for m in range(0, mb, micro):
-                    s = mb_idx[m : m + micro]
-                    i, a, t = gen.trimmed(s)
-                    mask = gen.response_mask[s, :t]
-                    adv, old_lp = ro.advantages[s, :t], gen.logprobs[s, :t]
-                    shared_head = self.value_head if self.critic is None else None
-                    out = forward_response(self.policy, i, a, t, c.rollout.temperature, shared_head,
-                                           with_entropy=want_entropy)
-                    pg_loss, pg = policy_loss(out.logprobs, old_lp, adv, mask, c.ppo.clip_range, c.ppo.dual_clip)
-                    loss = pg_loss if train_policy else pg_loss * 0.0
-                    if c.ppo.kl_in == "loss":
-                        k3 = kl_estimators(out.logprobs, ro.ref_logprobs[s, :t])["k3"]
-                        loss = loss + self.kl_coef * masked_mean(k3, mask)
-                    if want_entropy:
-                        loss = loss - c.ppo.entropy_coef * masked_mean(out.entropy, mask)
-                    if self.value_head is not None:
-                        values = out.values if shared_head is not None else forward_response(
-                            self.critic, i, a, t, c.rollout.temperature, self.value_head, with_logits=False).values
-                        v_loss, v_clipfrac = value_loss(values, ro.values[s, :t], ro.returns[s, :t], mask,
-                                                          c.ppo.clip_range_value, c.ppo.value_loss)
-                        loss = loss + (c.ppo.vf_coef if shared_head is not None else 1.0) * v_loss
-                        mb_stats.setdefault("loss/value", []).append(v_loss.item())
-                        mb_stats.setdefault("value/clipfrac", []).append(v_clipfrac.item())
+                    terms, micro_stats = self.loss_terms(ro, rows[m : m + micro], denominator)
+                    loss = self.total_loss(terms, train_policy)
                     if not torch.isfinite(loss):
                         raise RuntimeError(
-                            f"iteration {self.iteration}: loss is {loss.item()} (policy loss {pg_loss.item()}); "
+                            f"iteration {self.iteration}: loss is {loss.item()} (policy loss {terms['policy'].item()}); "
                             "lower train.learning_rate or check the reward scale (see docs/ppo.md, debugging)")
-                    (loss * len(s) / mb).backward()
-                    mb_stats.setdefault("loss/policy", []).append(pg_loss.item())
-                    for k, v in pg.items():
-                        mb_stats.setdefault(f"policy/{k}", []).append(v.item())
-                ratio_mean = float(np.mean(mb_stats["policy/ratio_mean"]))
-                skipped = ratio_mean > c.ppo.ratio_threshold  # the old TRL guardrail against a blown-up batch
-                grad_norm = self._step(skip=skipped, train_policy=train_policy)
-                mb_stats["policy/grad_norm"] = [grad_norm]
-                mb_stats["policy/skipped_minibatches"] = [float(skipped)]
+                    loss.backward()
+                    # micro-batch terms are shares of the minibatch's value: they add up (the max excepted)
+                    for k, v in {**{f"loss/{k}": v for k, v in terms.items()}, **micro_stats}.items():
+                        mb_stats[k] = max(mb_stats.get(k, 0.0), v.item()) if k == "policy/ratio_max" \
+                            else mb_stats.get(k, 0.0) + v.item()
                 for k, v in mb_stats.items():
-                    stats.setdefault(k, []).append(float(np.mean(v)) if k != "policy/ratio_max" else max(v))
-                epoch_kl.append(float(np.mean(mb_stats["policy/approxkl"])))
-            stats.setdefault("policy/epochs", []).append(1.0)
-            if c.ppo.target_approx_kl is not None and np.mean(epoch_kl) > c.ppo.target_approx_kl:
-                break  # early stop of the remaining epochs (the old TRL guardrail)
+                    stats.setdefault(k, []).append(v)
+                epoch_kl.append(mb_stats["policy/approxkl"])
+                if check_before_step and target is not None and mb_stats["policy/approxkl"] > target:
+                    self._zero_grad()
+                    stopped = True  # this minibatch moved too far already: no step, no further minibatches
+                    break
+                skipped = mb_stats["policy/ratio_mean"] > c.ppo.ratio_threshold  # the old TRL guardrail
+                stats.setdefault("policy/grad_norm", []).append(self._step(skip=skipped, train_policy=train_policy))
+                stats.setdefault("policy/skipped_minibatches", []).append(float(skipped))
+                steps += not skipped
+            if not check_before_step and target is not None and np.mean(epoch_kl) > target:
+                stopped = True  # early stop of the remaining epochs
         out = {k: (max(v) if k == "policy/ratio_max" else float(np.mean(v))) for k, v in stats.items()}
-        out["policy/epochs"] = float(len(stats["policy/epochs"]))
-        out["policy/skipped_minibatches"] = float(np.sum(stats["policy/skipped_minibatches"]))
+        out["policy/epochs"] = float(epochs)
+        out["policy/optimizer_steps"] = float(steps if train_policy else 0)
+        out["policy/skipped_minibatches"] = float(np.sum(stats.get("policy/skipped_minibatches", [0.0])))
         return out
 
     def _step(self, skip: bool, train_policy: bool) -> float:
-        c = self.config
-        pairs = [(self.policy_opt, self.policy_sched, self._policy_params(), train_policy)]
-        if self.critic_opt is not None:
-            critic_params = [p for g in self.critic_opt.param_groups for p in g["params"]]
-            pairs.append((self.critic_opt, self.critic_sched, critic_params, True))
+        """Clip and step the critic, and the policy unless the critic is warming up (then its weights and LR
+        schedule stand still); `skip` advances the schedules without stepping. -> the policy's gradient norm.
+        A head on the policy trunk is clipped with the trunk, as one model; a separate critic on its own."""
+        critic_params = self.critic.parameters()
+        on_trunk = self.critic.policy_head is not None
         grad_norm = 0.0
-        for i, (opt, sched, params, active) in enumerate(pairs):
-            if not skip and active:
-                if c.ppo.max_grad_norm is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(params, c.ppo.max_grad_norm)
-                else:
-                    norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                if i == 0:
-                    grad_norm = float(norm)
-                opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+        if not skip:
+            if train_policy:
+                grad_norm = self._clip(self.policy_params + (critic_params if on_trunk else []))
+                self.policy_opt.step()
+            if critic_params and not (train_policy and on_trunk):
+                self._clip(critic_params)
+        if train_policy:
+            self.policy_sched.step()
+        self.critic.step(active=not skip)
+        self._zero_grad()
         return grad_norm
+
+    def _clip(self, params: list[nn.Parameter]) -> float:
+        """Gradient norm before clipping to `ppo.max_grad_norm` (None: no clipping)."""
+        max_norm = self.config.ppo.max_grad_norm
+        if max_norm is not None:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+    def _zero_grad(self) -> None:
+        # the policy's too during warm-up: a shared head's value loss leaves gradients in the trunk
+        self.policy_opt.zero_grad(set_to_none=True)
+        if self.critic.optimizer is not None:
+            self.critic.optimizer.zero_grad(set_to_none=True)
 
     # -----------------------------------------------------------------------------------------------
     # stage 6: record
@@ -328,7 +343,7 @@ class PPOTrainer:
 
         c, mask = self.config, ro.gen.response_mask
         per_answer = {k: v.sum(1) for k, v in ro.kl.items()}  # (B,) nats per answer
-        kl_used = per_answer[c.ppo.kl_estimator]
+        kl_used = per_answer[c.ppo.optimized_kl_estimator]
         m = {
             "objective/scores": ro.raw_scores.mean().item(),
             "objective/scores_std": ro.raw_scores.std().item() if len(ro.raw_scores) > 1 else 0.0,
@@ -390,18 +405,13 @@ class PPOTrainer:
     # checkpoints
 
     def save(self) -> Path:
-        tensors = {"policy": trainable_state(self.policy)}
-        if self.value_head is not None:
-            tensors["value_head"] = {k: v.detach().cpu() for k, v in self.value_head.state_dict().items()}
-        if self.critic is not None:
-            tensors["critic"] = trainable_state(self.critic)
+        tensors = {"policy": trainable_state(self.policy), **self.critic.tensors()}
         state = {
             "iteration": self.iteration,
             "kl_coef": self.kl_coef,
             "policy_opt": self.policy_opt.state_dict(),
             "policy_sched": self.policy_sched.state_dict(),
-            "critic_opt": self.critic_opt.state_dict() if self.critic_opt else None,
-            "critic_sched": self.critic_sched.state_dict() if self.critic_sched else None,
+            **self.critic.optimizer_state(),
             "sampler": self.sampler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
         }
@@ -413,15 +423,10 @@ class PPOTrainer:
             raise UserError(f"{self.run_dir} has no checkpoint to resume from (checkpoints/latest is missing)")
         tensors, state = load_checkpoint(path)
         self.policy.load_state_dict(tensors["policy"], strict=False)
-        if self.value_head is not None:
-            self.value_head.load_state_dict(tensors["value_head"])
-        if self.critic is not None:
-            self.critic.load_state_dict(tensors["critic"], strict=False)
+        self.critic.load_tensors(tensors)
         self.policy_opt.load_state_dict(state["policy_opt"])
         self.policy_sched.load_state_dict(state["policy_sched"])
-        if self.critic_opt is not None:
-            self.critic_opt.load_state_dict(state["critic_opt"])
-            self.critic_sched.load_state_dict(state["critic_sched"])
+        self.critic.load_optimizer_state(state)
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
