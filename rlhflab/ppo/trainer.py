@@ -16,7 +16,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -46,7 +46,16 @@ from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
 from rlhflab.ppo.losses import policy_loss, value_loss
 from rlhflab.ppo.rollout import Rollout, forward_answers, generate
 from rlhflab.ppo.stats import explained_variance, masked_mean, masked_var, masked_whiten
-from rlhflab.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+from rlhflab.runs.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    trainable_state,
+)
 from rlhflab.runs.tracking import Tracker, truncate_jsonl
 
 RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
@@ -85,6 +94,9 @@ class PPOTrainer:
                 critic_params, c.train.critic_learning_rate or c.train.learning_rate)
         self.kl_coef = c.ppo.kl_coef
         self.iteration = 0
+        # objects outside the trainer (e.g. the health monitor) whose JSON-able state_dict() rides along in
+        # every checkpoint; resume() hands each its saved state through load_state_dict()
+        self.checkpoint_extras: dict[str, Any] = {}
 
     # -----------------------------------------------------------------------------------------------
     # set-up
@@ -359,9 +371,10 @@ class PPOTrainer:
                  "score": ro.raw_scores[i].item(), "components": {k: v[i] for k, v in ro.components.items()}}
                 for i in range(n)]
 
-    def iteration_step(self, tracker: Tracker, extra_metrics: Callable[["PPOTrainer"], dict] | None = None
-                       ) -> dict[str, float]:
-        """One iteration. `extra_metrics(trainer)` may add keys (e.g. probe evaluation) before the row is logged."""
+    def iteration_step(self, tracker: Tracker, extra_metrics: Callable[["PPOTrainer"], dict] | None = None,
+                       on_row: Callable[[dict], None] | None = None) -> dict[str, float]:
+        """One iteration. `extra_metrics(trainer)` may add keys (e.g. probe evaluation) before the row is logged;
+        `on_row(row)` sees the logged row (with its iteration) before this iteration's checkpoint is written."""
         c = self.config
         self.iteration += 1
         t0 = time.perf_counter()
@@ -380,6 +393,8 @@ class PPOTrainer:
         if extra_metrics is not None:
             metrics.update(extra_metrics(self))
         tracker.log(metrics, self.iteration)
+        if on_row is not None:
+            on_row({"iteration": self.iteration, **metrics})
         if c.log.sample_every and self.iteration % c.log.sample_every == 0:
             tracker.log_samples(self._sample_rows(ro))
         if self.iteration % max(c.train.checkpoint_every, 1) == 0 and c.train.checkpoint_every:
@@ -398,16 +413,19 @@ class PPOTrainer:
         state = {
             "iteration": self.iteration,
             "kl_coef": self.kl_coef,
-            "policy_opt": self.policy_opt.state_dict(),
+            "policy_opt": optimizer_state(self.policy_opt),
             "policy_sched": self.policy_sched.state_dict(),
-            "critic_opt": self.critic_opt.state_dict() if self.critic_opt else None,
+            "critic_opt": optimizer_state(self.critic_opt) if self.critic_opt else None,
             "critic_sched": self.critic_sched.state_dict() if self.critic_sched else None,
             "sampler": self.sampler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "rng": rng_state(),
+            "extra": {name: obj.state_dict() for name, obj in self.checkpoint_extras.items()},
         }
         return save_checkpoint(self.run_dir, self.iteration, tensors, state, self.config.train.keep_checkpoints)
 
     def resume(self) -> None:
+        """Continue from the latest checkpoint: weights, optimizers, schedulers, β, sampler, RNG streams and
+        `checkpoint_extras` (each one the checkpoint holds)."""
         path = latest_checkpoint(self.run_dir)
         if path is None:
             raise UserError(f"{self.run_dir} has no checkpoint to resume from (checkpoints/latest is missing)")
@@ -417,15 +435,16 @@ class PPOTrainer:
             self.value_head.load_state_dict(tensors["value_head"])
         if self.critic is not None:
             self.critic.load_state_dict(tensors["critic"], strict=False)
-        self.policy_opt.load_state_dict(state["policy_opt"])
+        load_optimizer_state(self.policy_opt, state["policy_opt"])
         self.policy_sched.load_state_dict(state["policy_sched"])
         if self.critic_opt is not None:
-            self.critic_opt.load_state_dict(state["critic_opt"])
+            load_optimizer_state(self.critic_opt, state["critic_opt"])
             self.critic_sched.load_state_dict(state["critic_sched"])
         self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        set_rng_state(state["rng"])
+        for name, obj in self.checkpoint_extras.items():
+            if name in state["extra"]:
+                obj.load_state_dict(state["extra"][name])
         self.iteration, self.kl_coef = state["iteration"], state["kl_coef"]
         for name in ("metrics.jsonl", "samples.jsonl"):
             truncate_jsonl(self.run_dir / name, self.iteration)
