@@ -141,3 +141,16 @@ def test_crash_before_the_marker_keeps_latest_on_the_previous_checkpoint(tmp_pat
     weights, state = load_checkpoint(path)
     assert state == {"iteration": 1} and torch.equal(weights["policy"]["w"], torch.zeros(2))
     assert not (tmp_path / "checkpoints" / "iter_000002").exists()
+
+
+def test_cuda_rng_states_are_saved_and_restored_per_device(tmp_path, monkeypatch):
+    """(No GPU here: torch.cuda is stubbed with two devices.) Each device's state goes out and comes back."""
+    states = {0: torch.arange(4, dtype=torch.uint8), 1: torch.arange(4, 8, dtype=torch.uint8)}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[0], states[1]])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
+    save_checkpoint(tmp_path, 1, {}, {"rng": rng_state()}, keep=1)
+    set_rng_state(load_checkpoint(latest_checkpoint(tmp_path))[1]["rng"])
+    assert set(restored) == {0, 1} and all(torch.equal(restored[d], states[d]) for d in states)
