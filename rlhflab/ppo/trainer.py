@@ -443,7 +443,7 @@ class PPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         for name, obj in self.checkpoint_extras.items():
-            if name in state["extra"]:
+            if name in state["extra"]:  # one saved by a script without it (PPOTrainer alone) stays as built
                 obj.load_state_dict(state["extra"][name])
         self.iteration, self.kl_coef = state["iteration"], state["kl_coef"]
         for name in ("metrics.jsonl", "samples.jsonl"):
