@@ -361,21 +361,52 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def resolve_paths(config: Config, base: Path) -> Config:
-    """Make file paths in the config absolute, relative to the recipe's folder."""
-
-    def fix(p: str | None) -> str | None:
-        if not p or Path(p).is_absolute():
-            return p
-        candidate = base / p
-        return str(candidate.resolve()) if candidate.exists() else p
-
-    config.data.prompts = fix(config.data.prompts) or ""
-    config.eval.probes = fix(config.eval.probes)
-    config.model.critic_init = fix(config.model.critic_init)
-    name = config.model.name
-    if (base / name).exists():
-        config.model.name = str((base / name).resolve())
+    """Make the config's relative file paths absolute (so the saved config.yaml works from any folder): data,
+    probes, critic_init, model.name when it is a path, and the paths inside `python:`, `model:` and
+    `hf-classifier:` reward specs. A relative path means the recipe's folder; one that exists only relative to
+    the working directory (typed in a `--set` override) means that one."""
+    config.data.prompts = _absolute(config.data.prompts, base) if config.data.prompts else ""
+    config.eval.probes = _absolute(config.eval.probes, base) if config.eval.probes else None
+    config.model.critic_init = _absolute(config.model.critic_init, base) if config.model.critic_init else None
+    config.model.name = _absolute_if_path(config.model.name, base)
+    if isinstance(config.reward.spec, str):
+        config.reward.spec = _reward_spec_paths(config.reward.spec, base)
+    else:
+        for term in config.reward.spec:
+            term.spec = _reward_spec_paths(term.spec, base)
     return config
+
+
+def _absolute(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return str(p)
+    found = next((folder / p for folder in (base, Path.cwd()) if (folder / p).exists()), base / p)
+    return str(found.resolve())  # not found anywhere: the recipe-relative path, so errors name where it was expected
+
+
+def _absolute_if_path(name: str, base: Path) -> str:
+    """A model name or hub id stays as it is; a path (it exists, or starts with `.`, `/` or `~`) is made absolute."""
+    looks_like_path = name.startswith((".", "/", "~")) or any((f / name).exists() for f in (base, Path.cwd()))
+    return _absolute(name, base) if looks_like_path else name
+
+
+def names_a_file(target: str) -> bool:
+    """Whether a `python:TARGET:function` reward names a file (`rewards.py`, `dir/x`) rather than a module."""
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def _reward_spec_paths(spec: str, base: Path) -> str:
+    kind, _, arg = spec.strip().partition(":")
+    if kind == "python":
+        target, sep, function = arg.rpartition(":")
+        return f"python:{_absolute(target, base)}:{function}" if sep and names_a_file(target) else spec
+    if kind == "model" and arg:
+        return f"model:{_absolute(arg, base)}"
+    if kind == "hf-classifier" and arg:
+        source, sep, label = arg.partition(":")
+        return f"hf-classifier:{_absolute_if_path(source, base)}{sep}{label}"
+    return spec
 
 
 def save_config(config: Config, path: Path) -> None:

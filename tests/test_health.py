@@ -95,3 +95,22 @@ def test_monitor_returns_each_note_once_with_cause_and_fix():
 def test_missing_keys_and_nan_are_ignored():
     rows = [{"iteration": 1}, {"iteration": 2, "objective/kl": float("nan"), "rollout/eos_rate": None}]
     assert check_health(rows) == []
+
+
+def test_monitor_state_survives_a_json_round_trip_mid_run():
+    """Split at iteration 6 and restored from JSON: a streak across the split (EOS falls at 5, 6, 7), a baseline
+    from before it (distinct-2 from iteration 1) and an alarm that already fired (ratio at 3, again at 8) behave
+    as in an unbroken run."""
+    import json
+
+    rows = with_changes({3: {"policy/ratio_max": 500.0}, 8: {"policy/ratio_max": 500.0},
+                         **{i: {"rollout/eos_rate": 0.1} for i in (5, 6, 7)}, 10: {"diversity/distinct_2": 0.5}})
+    unbroken = check_health(rows)
+    assert [(n.code, n.iteration) for n in unbroken] == [("ratio_blowup", 3), ("eos_collapse", 7),
+                                                         ("diversity_collapse", 10)]
+    before = HealthMonitor()
+    notes = [note for row in rows[:6] for note in before.update(row)]
+    after = HealthMonitor()
+    after.load_state_dict(json.loads(json.dumps(before.state_dict())))
+    notes += [note for row in rows[6:] for note in after.update(row)]
+    assert notes == unbroken

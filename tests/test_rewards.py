@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import yaml
 
 from rlhflab.errors import UserError
 from rlhflab.rewards.specs import Reward, build_reward, format_score, length_score, lexicon_score, relevance_score
@@ -125,6 +126,49 @@ def test_python_from_file_relative_to_base_dir(tmp_path):
     reward = build_reward("python:sub/my_rewards.py:score", base_dir=tmp_path)
     assert reward.names == ["python_score"]
     assert reward(["p", "p"], ["abcde", ""], [{}, {}]) == [0.5, 0.0]
+
+
+def test_recipe_reward_paths_resolve_against_the_recipe_not_the_working_directory(tmp_path, monkeypatch):
+    """A recipe in a subfolder names `python:rewards.py:score` and `model:rm` next to it; loaded from another
+    folder, its specs (and the config.yaml a run saves) hold absolute paths that still work from a third one."""
+    from rlhflab.config import config_from_dict, load_config, save_config
+
+    tmp_path = tmp_path.resolve()  # the config holds resolved paths
+    recipes = tmp_path / "project" / "recipes"
+    recipes.mkdir(parents=True)
+    (recipes / "rewards.py").write_text(REWARD_FILE)
+    (recipes / "prompts.txt").write_text("Hi\n")
+    (recipes / "r.yaml").write_text("data: {prompts: prompts.txt}\nreward:\n  spec:\n"
+                                    "    - {spec: 'python:rewards.py:score'}\n    - {spec: 'model:rm'}\n"
+                                    "    - {spec: 'python:rlhflab_test_reward_mod:score'}\n"
+                                    "    - {spec: 'hf-classifier:org/some-model:POSITIVE'}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(recipes / "r.yaml")
+    assert [t.spec for t in config.reward.spec] == [
+        f"python:{recipes / 'rewards.py'}:score",
+        f"model:{recipes / 'rm'}",  # missing: the error will name where the recipe says it is
+        "python:rlhflab_test_reward_mod:score",  # a module, not a path
+        "hf-classifier:org/some-model:POSITIVE",  # a hub id
+    ]
+    assert config.data.prompts == str(recipes / "prompts.txt")
+    save_config(config, tmp_path / "config.yaml")
+    monkeypatch.chdir(tmp_path)
+    saved = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert build_reward(saved.reward.spec[0].spec)(["p"], ["abcde"], [{}]) == [0.5]
+
+
+def test_a_path_typed_relative_to_the_working_directory_still_resolves_there(tmp_path, monkeypatch):
+    from rlhflab.config import load_config
+
+    tmp_path = tmp_path.resolve()
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "r.yaml").write_text("reward: {spec: vader}\n")
+    (tmp_path / "mine.py").write_text(REWARD_FILE)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(tmp_path / "recipes" / "r.yaml", ["reward.spec=python:mine.py:score"])
+    assert config.reward.spec == f"python:{tmp_path / 'mine.py'}:score"
 
 
 def test_python_from_module_path(tmp_path, monkeypatch):

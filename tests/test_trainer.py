@@ -121,17 +121,41 @@ def test_reward_returning_nan_is_a_clear_error(tiny_config, tmp_path):
         trainer.iteration_step(Tracker(tmp_path, [], "t", "t", {}))
 
 
-def test_resume_continues_from_checkpoint(tiny_config, tmp_path):
-    tiny_config.train.iterations = 2
+def _rows_without_timings(run_dir):
+    return [_without_timings(json.loads(line)) for line in (run_dir / "metrics.jsonl").open()]
+
+
+def _without_timings(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}
+
+
+@pytest.mark.parametrize("variant", ["full-gae", "lora-grpo"])
+def test_resumed_run_equals_an_unbroken_one(tiny_config, tmp_path, variant):
+    """3 iterations in one go == 2 iterations, a restart from the checkpoint, 1 more: same metrics (timings
+    aside), same weights, same health-monitor state (baselines, streaks, fired alarms)."""
+    if variant == "lora-grpo":  # critic-free, and adapters only
+        tiny_config.ppo.advantage_estimator = "grpo"
+        tiny_config.model.lora.enabled, tiny_config.model.lora.r = True, 4
     tiny_config.train.checkpoint_every = 1
-    run = tmp_path / "run"
-    train(tiny_config, run, quiet=True)
     tiny_config.train.iterations = 3
-    trainer = train(tiny_config, run, resume=True, quiet=True)
-    iterations = [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").open()]
-    assert iterations == [1, 2, 3]
-    assert trainer.iteration == 3
-    assert (run / "checkpoints" / "latest").read_text() == "iter_000003"
+    whole = train(tiny_config, tmp_path / "whole", quiet=True)
+    tiny_config.train.iterations = 2
+    train(tiny_config, tmp_path / "split", quiet=True)
+    tiny_config.train.iterations = 3
+    resumed = train(tiny_config, tmp_path / "split", resume=True, quiet=True)
+
+    rows = _rows_without_timings(tmp_path / "split")
+    assert [row["iteration"] for row in rows] == [1, 2, 3] and rows == _rows_without_timings(tmp_path / "whole")
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text() == "iter_000003"
+    critics = [getattr(t.critic, "model", None) for t in (whole, resumed)]
+    for a, b in ((whole.policy, resumed.policy), critics, (whole.critic.head, resumed.critic.head)):
+        if a is not None:
+            assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert whole.kl_coef == resumed.kl_coef
+    health = [t.checkpoint_extras["health"].state_dict() for t in (whole, resumed)]
+    for h in health:
+        h["first"], h["latest"] = _without_timings(h["first"]), _without_timings(h["latest"])
+    assert health[0]["rows_seen"] == 3 and health[1] == health[0]
 
 
 def test_final_model_loads_without_rlhflab(tiny_config, tmp_path):

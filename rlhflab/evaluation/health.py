@@ -144,6 +144,16 @@ class HealthMonitor:
                 notes.append(HealthNote(code, iteration, message, cause, fix))
         return notes
 
+    def state_dict(self) -> dict:
+        """Everything `update` remembers, as JSON, so a resumed run raises the alarms an unbroken one would."""
+        return {"first": dict(self.first), "latest": dict(self.latest), "streaks": dict(self.streaks),
+                "fired": sorted(self.fired), "rows_seen": self.rows_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first, self.latest = dict(state["first"]), dict(state["latest"])
+        self.streaks, self.fired = dict(state["streaks"]), set(state["fired"])
+        self.rows_seen = state["rows_seen"]
+
     def _streak(self, name: str, holds: bool | None) -> int:
         """Count iterations in a row where `holds`; a False resets it, None (metric missing) leaves it."""
         if holds is not None:

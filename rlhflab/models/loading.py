@@ -10,8 +10,6 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from torch import nn
 
 from rlhflab.errors import UserError
+from rlhflab.files import atomic_dir
 
 
 def quiet_transformers() -> None:
@@ -79,18 +78,19 @@ def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
 # resolving a spec to a local directory
 
 
-def _atomic_dir(final: Path, build) -> Path:
-    """Build a directory in a temp sibling and rename it into place, so a crash never leaves half a model."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
+def _build_cached(final: Path, build) -> Path:
+    """Build a cached model directory atomically, so a crash never leaves half a model."""
+
+    def seeded_build(tmp: Path) -> None:
         # a run's random stream must not depend on whether the cache already existed
         with torch.random.fork_rng(devices=[]):
             build(tmp)
-        os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    try:
+        atomic_dir(final, seeded_build)
+    except FileExistsError:  # another process finished the same cache entry first: theirs is as good
+        if not (final / "config.json").is_file():
+            raise UserError(f"{final} exists but holds no model (no config.json); delete it and run again") from None
     return final
 
 
@@ -157,12 +157,12 @@ def resolve_model_dir(spec: str) -> str:
     if spec == EMBEDDED:
         target = cache_dir() / "models" / EMBEDDED
         if not (target / "config.json").is_file():
-            _atomic_dir(target, lambda tmp: _convert_gguf(_embedded_gguf(), tmp))
+            _build_cached(target, lambda tmp: _convert_gguf(_embedded_gguf(), tmp))
         return str(target)
     if spec == TINY:
         target = cache_dir() / "models" / f"{TINY}-v{TINY_VERSION}"
         if not (target / "config.json").is_file():
-            _atomic_dir(target, _build_tiny)
+            _build_cached(target, _build_tiny)
         return str(target)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
@@ -171,7 +171,7 @@ def resolve_model_dir(spec: str) -> str:
         stat = path.stat()
         target = cache_dir() / "models" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
         if not (target / "config.json").is_file():
-            _atomic_dir(target, lambda tmp: _convert_gguf(path.resolve(), tmp))
+            _build_cached(target, lambda tmp: _convert_gguf(path.resolve(), tmp))
         return str(target)
     if path.is_dir():
         if (path / "final" / "config.json").is_file():  # a run directory: its final model

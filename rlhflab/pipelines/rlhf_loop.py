@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -43,6 +42,7 @@ from rlhflab.config import (
     resolve_paths,
     validated,
 )
+from rlhflab.files import write_json_atomic
 
 
 class RMSettings(Section):
@@ -246,7 +246,7 @@ def run_loop(loop_yaml: str | Path, out_dir: str | Path, *, quiet: bool = False)
             "rm": str(rm_dir),
             "ppo": str(ppo_dir),
         })  # fmt: skip
-        _write_json(summary_path, summary)
+        write_json_atomic(summary_path, summary)
         row = summary["rounds"][-1]
         console.print(f"  round {r}: {row['pairs']} pairs, RM accuracy {_fmt(row['rm_accuracy'])}, judge score "
                       f"{_fmt(before)} → {_fmt(after)}, KL {_fmt(row['kl'])} → {summary_path}")
@@ -313,12 +313,6 @@ def _last_metric(path: Path, key: str) -> float | None:
         return None
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     return json.loads(lines[-1]).get(key) if lines else None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _fmt(x: float | None) -> str:

@@ -25,7 +25,6 @@ import fcntl
 import gc
 import itertools
 import json
-import os
 import re
 import shutil
 import time
@@ -39,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rlhflab.config import Config, load_config, read_yaml, validated
 from rlhflab.errors import UserError
+from rlhflab.files import write_json_atomic
 from rlhflab.runs.checkpoint import latest_checkpoint
 from rlhflab.runs.layout import SWEEP_JSON, short_keys
 from rlhflab.runs.tracking import read_jsonl
@@ -180,13 +180,6 @@ def run_status(run_dir: Path) -> str:
     return "resume" if checkpoint is not None and (run_dir / "config.yaml").is_file() else "restart"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write atomically (temporary file, then rename), so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _last_row(run_dir: Path) -> dict:
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -232,7 +225,7 @@ def run_sweep(sweep_yaml: str | Path, out_dir: str | Path, echo: Callable[[str],
             "set": sweep.set,
             "runs": [_entry(out, r) for r in runs],
         }
-        _write_json(out / SWEEP_JSON, record)
+        write_json_atomic(out / SWEEP_JSON, record)
         failed = []
         for index, (run, entry) in enumerate(zip(runs, record["runs"]), 1):
             run_dir = out / run.name
@@ -247,7 +240,7 @@ def run_sweep(sweep_yaml: str | Path, out_dir: str | Path, echo: Callable[[str],
                 f"({run.config.train.iterations} iterations)")
             entry["status"] = "running"
             entry.pop("error", None)
-            _write_json(out / SWEEP_JSON, record)
+            write_json_atomic(out / SWEEP_JSON, record)
             started = time.perf_counter()
             try:
                 train(run.config, run_dir, resume=state == "resume", quiet=True)
@@ -260,14 +253,14 @@ def run_sweep(sweep_yaml: str | Path, out_dir: str | Path, echo: Callable[[str],
             else:
                 seconds = time.perf_counter() - started
                 finished = time.strftime("%Y-%m-%dT%H:%M:%S")
-                _write_json(run_dir / DONE, {"seconds": round(seconds, 1), "finished": finished})
+                write_json_atomic(run_dir / DONE, {"seconds": round(seconds, 1), "finished": finished})
                 entry.update(status="done", seconds=round(seconds, 1))
                 last = _last_row(run_dir)
                 nan = float("nan")
                 say(f"{tag}: done in {seconds / 60:.1f} min — reward {last.get('objective/scores', nan):.3f}, "
                     f"KL {last.get('objective/kl', nan):.2f} nats, "
                     f"distinct-2 {last.get('diversity/distinct_2', nan):.3f}")
-            _write_json(out / SWEEP_JSON, record)
+            write_json_atomic(out / SWEEP_JSON, record)
             gc.collect()  # free the last run's models before the next one loads
     if failed:
         raise UserError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); see error.log in each; "

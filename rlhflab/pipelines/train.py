@@ -37,23 +37,27 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     started = time.perf_counter()
     probes = _load_probes(config)  # a bad probe file fails before minutes of model loading
     trainer = PPOTrainer(config, run_dir, reward=reward)
+    monitor = HealthMonitor()
+    trainer.checkpoint_extras["health"] = monitor  # a resumed run keeps its alarm baselines and streaks
     if resume:
         trainer.resume()
         console.print(f"resumed {run_dir} at iteration {trainer.iteration}")
     save_config(config, run_dir / "config.yaml")
     c = config
     tracker = Tracker(run_dir, c.log.trackers, c.log.project, c.log.run_name or run_dir.name, c.model_dump(mode="json"))
-    monitor = HealthMonitor()
     console.print(f"model loaded in {time.perf_counter() - started:.0f} s; training {c.train.iterations} iterations "
                   f"of {c.rollout_batch_size} samples → {run_dir}")
     probe_hook = _probe_hook(probes, c) if probes is not None and c.eval.every > 0 else None
+
+    def warn(row: dict) -> None:
+        for note in monitor.update(row):
+            console.print(f"[yellow]warning[/]: {note.message} — likely cause: {note.cause}; fix: {note.fix}")
+
     try:
         with _progress() if not quiet else _NoProgress() as progress:
             task = progress.add_task("train", total=c.train.iterations, completed=trainer.iteration, status="")
             while trainer.iteration < c.train.iterations:
-                m = trainer.iteration_step(tracker, extra_metrics=probe_hook)
-                for note in monitor.update({"iteration": trainer.iteration, **m}):
-                    console.print(f"[yellow]warning[/]: {note.message} — likely cause: {note.cause}; fix: {note.fix}")
+                m = trainer.iteration_step(tracker, extra_metrics=probe_hook, on_row=warn)
                 progress.update(task, advance=1, status=(
                     f"reward {m['objective/scores']:.3f}  KL {m['objective/kl']:.2f}  {m['time/iteration']:.1f} s/it"))
         if c.train.checkpoint_every == 0 or trainer.iteration % c.train.checkpoint_every:

@@ -15,7 +15,7 @@ from torch import nn
 from rlhflab.errors import UserError
 from rlhflab.models.forward import Forward, ValueHead, forward_response
 from rlhflab.ppo.rollout import Generation, forward_answers
-from rlhflab.runs.checkpoint import trainable_state
+from rlhflab.runs.checkpoint import load_optimizer_state, optimizer_state, trainable_state
 
 
 class Critic:
@@ -61,12 +61,12 @@ class Critic:
 
     def optimizer_state(self) -> dict:
         """Checkpoint state of the optimizer and scheduler (None where there is none)."""
-        return {"critic_opt": self.optimizer.state_dict() if self.optimizer else None,
+        return {"critic_opt": optimizer_state(self.optimizer) if self.optimizer else None,
                 "critic_sched": self.scheduler.state_dict() if self.scheduler else None}
 
     def load_optimizer_state(self, state: dict) -> None:
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["critic_opt"])
+            load_optimizer_state(self.optimizer, state["critic_opt"])
             self.scheduler.load_state_dict(state["critic_sched"])
 
 

@@ -17,7 +17,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,7 +48,16 @@ from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
 from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss
 from rlhflab.ppo.rollout import Rollout, forward_answers, generate
 from rlhflab.ppo.stats import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
-from rlhflab.runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+from rlhflab.runs.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    trainable_state,
+)
 from rlhflab.runs.tracking import Tracker, truncate_jsonl
 
 RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
@@ -89,6 +98,9 @@ class PPOTrainer:
                 self.critic.parameters(), c.train.critic_learning_rate or c.train.learning_rate, c.train.iterations)
         self.kl_coef = c.ppo.kl_coef
         self.iteration = 0
+        # objects outside the trainer (e.g. the health monitor) whose JSON-able state_dict() rides along in
+        # every checkpoint; resume() hands each its saved state through load_state_dict()
+        self.checkpoint_extras: dict[str, Any] = {}
 
     # -----------------------------------------------------------------------------------------------
     # set-up
@@ -374,9 +386,10 @@ class PPOTrainer:
                  "score": ro.raw_scores[i].item(), "components": {k: v[i] for k, v in ro.components.items()}}
                 for i in range(n)]
 
-    def iteration_step(self, tracker: Tracker, extra_metrics: Callable[["PPOTrainer"], dict] | None = None
-                       ) -> dict[str, float]:
-        """One iteration. `extra_metrics(trainer)` may add keys (e.g. probe evaluation) before the row is logged."""
+    def iteration_step(self, tracker: Tracker, extra_metrics: Callable[["PPOTrainer"], dict] | None = None,
+                       on_row: Callable[[dict], None] | None = None) -> dict[str, float]:
+        """One iteration. `extra_metrics(trainer)` may add keys (e.g. probe evaluation) before the row is logged;
+        `on_row(row)` sees the logged row (with its iteration) before this iteration's checkpoint is written."""
         c = self.config
         self.iteration += 1
         t0 = time.perf_counter()
@@ -395,6 +408,8 @@ class PPOTrainer:
         if extra_metrics is not None:
             metrics.update(extra_metrics(self))
         tracker.log(metrics, self.iteration)
+        if on_row is not None:
+            on_row({"iteration": self.iteration, **metrics})
         if c.log.sample_every and self.iteration % c.log.sample_every == 0:
             tracker.log_samples(self._sample_rows(ro))
         if self.iteration % max(c.train.checkpoint_every, 1) == 0 and c.train.checkpoint_every:
@@ -409,28 +424,32 @@ class PPOTrainer:
         state = {
             "iteration": self.iteration,
             "kl_coef": self.kl_coef,
-            "policy_opt": self.policy_opt.state_dict(),
+            "policy_opt": optimizer_state(self.policy_opt),
             "policy_sched": self.policy_sched.state_dict(),
             **self.critic.optimizer_state(),
             "sampler": self.sampler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "rng": rng_state(),
+            "extra": {name: obj.state_dict() for name, obj in self.checkpoint_extras.items()},
         }
         return save_checkpoint(self.run_dir, self.iteration, tensors, state, self.config.train.keep_checkpoints)
 
     def resume(self) -> None:
+        """Continue from the latest checkpoint: weights, optimizers, schedulers, β, sampler, RNG streams and
+        `checkpoint_extras` (each one the checkpoint holds)."""
         path = latest_checkpoint(self.run_dir)
         if path is None:
             raise UserError(f"{self.run_dir} has no checkpoint to resume from (checkpoints/latest is missing)")
         tensors, state = load_checkpoint(path)
         self.policy.load_state_dict(tensors["policy"], strict=False)
         self.critic.load_tensors(tensors)
-        self.policy_opt.load_state_dict(state["policy_opt"])
+        load_optimizer_state(self.policy_opt, state["policy_opt"])
         self.policy_sched.load_state_dict(state["policy_sched"])
         self.critic.load_optimizer_state(state)
         self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        set_rng_state(state["rng"])
+        for name, obj in self.checkpoint_extras.items():
+            if name in state["extra"]:  # one saved by a script without it (PPOTrainer alone) stays as built
+                obj.load_state_dict(state["extra"][name])
         self.iteration, self.kl_coef = state["iteration"], state["kl_coef"]
         for name in ("metrics.jsonl", "samples.jsonl"):
             truncate_jsonl(self.run_dir / name, self.iteration)

@@ -25,14 +25,13 @@ chosen/rejected as one assistant message each); otherwise every prompt is writte
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhflab.data.prompts import iter_jsonl
 from rlhflab.errors import UserError
+from rlhflab.files import write_atomic
 from rlhflab.preferences.store import AddCounts, Candidate, NewPair, PreferenceStore, Verdict
 
 LEFT_OUT = ("tie", "skip", "contested", "pending")
@@ -149,13 +148,5 @@ def export_jsonl(store: PreferenceStore, out: str | Path) -> ExportCounts:
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: directory {out.parent} does not exist")
     rows, counts = export_rows(store)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return counts

@@ -43,10 +43,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhflab.errors import UserError
+from rlhflab.files import atomic_dir
 
 INFO_FILE = "rlhflab_rm.json"
 HEAD_FILE = "rm_head.safetensors"
@@ -477,16 +475,10 @@ def _save(out_dir: Path, lm: nn.Module, tokenizer, w: torch.Tensor, head_bias: f
         tokenizer.save_pretrained(tmp)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        build(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked at the start)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_dir(out_dir, build)  # replaces the empty directory checked at the start
+    except FileExistsError:
+        raise UserError(f"{out_dir} was filled while the reward model trained; pick another --out") from None
 
 
 def _as_sequence_classifier(lm: nn.Module, pad_token_id: int):

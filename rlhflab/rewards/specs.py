@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhflab.config import names_a_file
 from rlhflab.errors import UserError
 
 RewardFn = Callable[[list[str], list[str], list[dict]], Sequence[float]]
@@ -191,7 +192,7 @@ def _no_argument(name: str, score: Callable[[str, str], float]) -> Callable[[str
 
 
 def _load_module(target: str, base_dir: Path) -> Any:
-    if not (target.endswith(".py") or "/" in target or "\\" in target):
+    if not names_a_file(target):
         try:
             return importlib.import_module(target)
         except Exception as exc:
@@ -448,8 +449,9 @@ def _entry(item: Any) -> tuple[Any, float, str | None]:
 
 def build_reward(spec: Any, base_dir: str | Path | None = None) -> Reward:
     """Build a :class:`Reward` from a spec string, a reward callable, or a list of either or of
-    ``{"spec": ..., "weight": 1.0, "name": None}``. ``python:`` file paths are relative to base_dir
-    (default: the working directory). Bad specs raise UserError."""
+    ``{"spec": ..., "weight": 1.0, "name": None}``. Relative paths in ``python:``, ``model:`` and
+    ``hf-classifier:`` specs are relative to base_dir (default: the working directory; a recipe's specs arrive
+    absolute from `config.resolve_paths`). Bad specs raise UserError."""
     if isinstance(spec, Reward):
         return spec
     base = Path(base_dir) if base_dir is not None else Path.cwd()

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from rlhflab.errors import UserError
+from rlhflab.files import write_atomic
 
 _EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -40,7 +41,7 @@ def truncate_jsonl(path: Path, after_iteration: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= after_iteration]
-    path.write_text("".join(line + "\n" for line in keep))
+    write_atomic(path, "".join(line + "\n" for line in keep))  # a crash here must not lose the log
 
 
 class Tracker:
