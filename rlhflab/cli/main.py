@@ -174,8 +174,8 @@ app.add_typer(rm_app, name="rm")
 def _rm_option(key: str, *flags: str):
     """An `rm train` option that sets RewardModelConfig.<key>, with that field's docstring and default."""
     field = RewardModelConfig.model_fields[key]
-    return typer.Option(None, *flags, help=field.description,
-                        show_default=False if field.default is None else str(field.default))
+    default = "" if field.default is None else f" (default: {field.default})"
+    return typer.Option(None, *flags, help=field.description + default, show_default=False)
 
 
 @rm_app.command("train")
@@ -199,7 +199,7 @@ def rm_train(
     prompt_format: str = typer.Option("auto", "--prompt-format", help="auto, chat or plain (as the policy sees prompts)."),
     calibration: Optional[Path] = typer.Option(
         None, "--calibration", help="JSONL of prompt/completion samples of the reference policy (what `rlhflab "
-                                    "sample` prints) to normalise on [default: the training answers]."),
+                                    "sample` prints) to normalise on (default: the training answers)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ):
     """Train a reward model: Bradley–Terry on chosen/rejected pairs, held-out accuracy, calibration, normalisation."""
