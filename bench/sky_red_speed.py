@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 
 from rlhflab.config import load_config
+from rlhflab.models.loading import keep_freed_memory, quiet_transformers
 from rlhflab.ppo.trainer import PPOTrainer
+from rlhflab.runs.seeding import seed_everything
 from rlhflab.runs.tracking import Tracker
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "sky_red.yaml"
@@ -62,6 +64,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_config(RECIPE, TRL_SETTINGS + [f"train.iterations={args.iterations}"] + args.overrides)
+    quiet_transformers()
+    keep_freed_memory()  # as `rlhflab train` does: 9 % of an iteration
+    seed_everything(config.train.seed)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = PPOTrainer(config, run_dir)
         tracker = Tracker(Path(run_dir), [], "bench", "bench", {})

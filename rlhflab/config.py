@@ -215,6 +215,37 @@ class EvalConfig(Section):
     """Write report.html / report.md at the end of training."""
 
 
+class RewardModelConfig(Section):
+    """Reward-model training: `rlhflab rm train`, the RLHF loop's `rm:` section, `train_reward_model`."""
+
+    base: str | None = None
+    """Backbone: any causal LM spec (None: the recipe's model.name in the RLHF loop, else smollm2-135m-instruct)."""
+    lora: bool = True
+    """Train LoRA adapters on every linear layer (merged when saved) instead of every weight."""
+    lora_r: int = Field(16, ge=1)
+    """LoRA rank."""
+    lora_alpha: float | None = Field(None, gt=0)
+    """LoRA scaling numerator (None: 2·lora_r)."""
+    epochs: int = Field(2, ge=1)
+    """Passes over the training pairs."""
+    lr: float | None = Field(None, gt=0)
+    """Learning rate (None: 2e-4 with LoRA, 1e-5 without); AdamW, linear decay to 0."""
+    batch_size: int = Field(8, ge=1)
+    """Pairs per optimizer step."""
+    margin: float = Field(0.0, ge=0)
+    """Bradley–Terry margin: loss −log σ(r_chosen − r_rejected − margin)."""
+    heldout_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of pairs (whole prompts) held out to measure accuracy."""
+    max_length: int = Field(256, ge=2)
+    """Longest RM input in tokens (prompt + answer + EOS); longer inputs lose their start."""
+    calibration_samples: int = Field(512, ge=2)
+    """Most reference-policy answers the mean-0/std-1 normalisation is fitted on (a seeded sample of them)."""
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.lora else 1e-5)
+
+
 class Config(Section):
     """A whole run. Sections: model, data, rollout, reward, ppo, train, log, eval."""
 

@@ -27,3 +27,11 @@ def tiny_config(prompt_file):
         "train": {"iterations": 2, "learning_rate": 1e-3, "checkpoint_every": 0, "save_final": False},
         "eval": {"report": False},
     })
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state():
+    """Each test starts from seed 0: the trainer leaves seeding to its caller (runs.seeding.seed_everything)."""
+    from rlhflab.runs.seeding import seed_everything
+
+    seed_everything(0)

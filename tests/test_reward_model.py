@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from rlhflab.cli import app
+from rlhflab.config import RewardModelConfig
 from rlhflab.errors import UserError
 from rlhflab.preferences.store import Candidate, NewPair, PreferenceStore
 from rlhflab.rewards.reward_model import (
@@ -49,8 +50,8 @@ def toy_rm(tmp_path_factory):
     """A reward model trained once on 48 toy pairs (full fine-tuning of the tiny model, 4 epochs, ~5 s)."""
     root = tmp_path_factory.mktemp("rm")
     data = write_jsonl(root / "prefs.jsonl", toy_rows(48))
-    info = train_reward_model(data, root / "rm", base="tiny", lora=False, epochs=4, lr=3e-3, batch_size=8,
-                              heldout_fraction=0.25, seed=0, prompt_format="plain", quiet=True)
+    config = RewardModelConfig(base="tiny", lora=False, epochs=4, lr=3e-3, batch_size=8, heldout_fraction=0.25)
+    info = train_reward_model(data, root / "rm", config, seed=0, prompt_format="plain", quiet=True)
     return root, info
 
 
@@ -190,8 +191,8 @@ def test_architectures_without_a_sequence_classifier_save_a_causal_lm_and_a_head
 
     monkeypatch.setattr(rm, "_as_sequence_classifier", lambda lm, pad_token_id: None)
     data = write_jsonl(tmp_path / "prefs.jsonl", toy_rows(8))
-    info = train_reward_model(data, tmp_path / "rm", base="tiny", lora=False, epochs=1, lr=1e-3,
-                              heldout_fraction=0.0, prompt_format="plain", quiet=True)
+    config = RewardModelConfig(base="tiny", lora=False, epochs=1, lr=1e-3, heldout_fraction=0.0)
+    info = train_reward_model(data, tmp_path / "rm", config, prompt_format="plain", quiet=True)
     assert info["format"] == "causal-lm+head" and (tmp_path / "rm" / "rm_head.safetensors").is_file()
     rows = toy_rows(8)
     prompts = [r["prompt"] for r in rows for _ in "cr"]

@@ -9,11 +9,19 @@ from typing import Optional
 import typer
 
 from rlhflab.cli.prefs import prefs_app
+from rlhflab.config import RewardModelConfig
 from rlhflab.errors import UserError, user_errors
 
 app = typer.Typer(help="Steer a language model with PPO and a KL penalty; measure what changed.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(prefs_app, name="prefs")
+
+
+@app.callback()
+def _process_settings():
+    from rlhflab.models.loading import quiet_transformers
+
+    quiet_transformers()  # the command prints its own progress; transformers' bars and advisories are noise here
 
 
 @app.command()
@@ -55,15 +63,12 @@ def sample(
     """Print answers of a model to a prompt file as JSON lines."""
     import json
 
-    from rlhflab.data.prompts import load_prompts, render_prompt, resolve_prompt_format
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+    from rlhflab.data.prompts import load_prompts, render_prompt
+    from rlhflab.models.loading import load_for_sampling
     from rlhflab.ppo.rollout import generate
 
-    device = pick_device()
-    tok = load_tokenizer(model)
-    lm = load_causal_lm(model, device, pick_dtype("auto", device)).eval()
-    fmt = resolve_prompt_format(tok, prompt_format, model)
     items = load_prompts(prompts)
+    lm, tok, _, fmt = load_for_sampling(model, prompt_format=prompt_format)
     texts = [render_prompt(p, tok, fmt) for p in items for _ in range(n)]
     gen = generate(lm, tok, texts, max_new_tokens, max(temperature, 1e-5), do_sample=temperature > 0,
                    with_logprobs=False, batch_size=16)
@@ -80,14 +85,12 @@ def chat(
     system_prompt: Optional[str] = typer.Option(None, help="System message."),
 ):
     """Chat with a model in the terminal (empty line or Ctrl-D to quit)."""
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+    from rlhflab.models.loading import load_for_sampling
     from rlhflab.ppo.rollout import generate
 
-    device = pick_device()
-    tok = load_tokenizer(model)
-    if not getattr(tok, "chat_template", None):
+    lm, tok, _, fmt = load_for_sampling(model)
+    if fmt != "chat":
         raise UserError(f"'{model}' has no chat template; use `rlhflab sample` with plain prompts instead")
-    lm = load_causal_lm(model, device, pick_dtype("auto", device)).eval()
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     while True:
         try:
@@ -168,32 +171,49 @@ rm_app = typer.Typer(help="Reward models from preferences (Bradley–Terry).", n
 app.add_typer(rm_app, name="rm")
 
 
+def _rm_option(key: str, *flags: str):
+    """An `rm train` option that sets RewardModelConfig.<key>, with that field's docstring and default."""
+    field = RewardModelConfig.model_fields[key]
+    default = "" if field.default is None else f" (default: {field.default})"
+    return typer.Option(None, *flags, help=field.description + default, show_default=False)
+
+
 @rm_app.command("train")
 @user_errors
 def rm_train(
     db: str = typer.Option(..., "--db", help="Preference DB, or a JSONL of prompt/chosen/rejected (TRL format)."),
     out: Path = typer.Option(..., "--out", "-o", help="RM_DIR to create (use it as reward: model:RM_DIR)."),
-    base: str = typer.Option("smollm2-135m-instruct", "--base", help="Backbone: any causal LM spec."),
-    lora: bool = typer.Option(True, "--lora/--no-lora", help="LoRA adapters (merged when saved) or full fine-tuning."),
-    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank (alpha = 2·r)."),
-    epochs: int = typer.Option(2, "--epochs", help="Passes over the training pairs."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: 2e-4 with LoRA, 1e-5 without]."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Pairs per optimizer step."),
-    margin: float = typer.Option(0.0, "--margin", help="Bradley–Terry margin: −log σ(r_c − r_r − margin)."),
-    heldout_fraction: float = typer.Option(0.1, "--heldout-fraction", help="Share of pairs (whole prompts) held out."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the split, the head and the batch order."),
-    max_length: int = typer.Option(256, "--max-length", help="Longest input in tokens; longer ones lose their start."),
+    base: Optional[str] = _rm_option("base", "--base"),
+    lora: Optional[bool] = _rm_option("lora", "--lora/--no-lora"),
+    lora_r: Optional[int] = _rm_option("lora_r", "--lora-r"),
+    epochs: Optional[int] = _rm_option("epochs", "--epochs"),
+    lr: Optional[float] = _rm_option("lr", "--lr"),
+    batch_size: Optional[int] = _rm_option("batch_size", "--batch-size"),
+    margin: Optional[float] = _rm_option("margin", "--margin"),
+    heldout_fraction: Optional[float] = _rm_option("heldout_fraction", "--heldout-fraction"),
+    max_length: Optional[int] = _rm_option("max_length", "--max-length"),
+    calibration_samples: Optional[int] = _rm_option("calibration_samples", "--calibration-samples"),
+    set_: list[str] = typer.Option([], "--set", help="Set any reward-model key (the RLHF loop's rm: section): "
+                                                     "--set lora_alpha=8 (repeatable)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, the adapters and the batch order."),
     prompt_format: str = typer.Option("auto", "--prompt-format", help="auto, chat or plain (as the policy sees prompts)."),
     calibration: Optional[Path] = typer.Option(
         None, "--calibration", help="JSONL of prompt/completion samples of the reference policy (what `rlhflab "
-                                    "sample` prints) to normalise on [default: the training answers]."),
+                                    "sample` prints) to normalise on (default: the training answers)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ):
     """Train a reward model: Bradley–Terry on chosen/rejected pairs, held-out accuracy, calibration, normalisation."""
     import json
 
+    from rlhflab.config import apply_overrides, validated
+    from rlhflab.models.loading import keep_freed_memory
     from rlhflab.rewards.reward_model import train_reward_model
 
+    options = {"base": base, "lora": lora, "lora_r": lora_r, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+               "margin": margin, "heldout_fraction": heldout_fraction, "max_length": max_length,
+               "calibration_samples": calibration_samples}
+    raw = apply_overrides({k: v for k, v in options.items() if v is not None}, set_)
+    config = validated(RewardModelConfig, raw, "rm train")
     samples = None
     if calibration is not None:
         from rlhflab.data.prompts import load_prompts
@@ -202,9 +222,9 @@ def rm_train(
         if any("completion" not in p.metadata for p in rows):
             raise UserError(f"{calibration}: every line needs 'prompt' and 'completion' (as `rlhflab sample` prints)")
         samples = [(p.display, str(p.metadata["completion"])) for p in rows]
-    info = train_reward_model(db, out, base=base, lora=lora, lora_r=lora_r, epochs=epochs, lr=lr,
-                              batch_size=batch_size, margin=margin, heldout_fraction=heldout_fraction, seed=seed,
-                              max_length=max_length, prompt_format=prompt_format, calibration=samples, quiet=quiet)
+    keep_freed_memory()  # a training job: large gradient buffers stay in the heap between steps
+    info = train_reward_model(db, out, config, seed=seed, prompt_format=prompt_format, calibration=samples,
+                              quiet=quiet)
     for split in ("train", "heldout"):
         m = info[split]
         acc = "n/a" if m["accuracy"] is None else f"{m['accuracy']:.1%}"

@@ -43,6 +43,7 @@ from rlhflab.errors import UserError
 from rlhflab.ppo.kl import kl_estimators
 from rlhflab.ppo.rollout import Generation, forward_answers, generate
 from rlhflab.ppo.stats import masked_mean
+from rlhflab.runs.seeding import seeded
 
 SIDES = ("policy", "reference")
 GENERATION_BATCH = 32  # answers per `generate` call
@@ -147,17 +148,6 @@ def _side_metrics(
     }
 
 
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device):
-    """Seed torch's generators for repeatable sampling and restore the caller's RNG state afterwards."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 @torch.no_grad()
 def evaluate(
     policy: nn.Module,
@@ -204,7 +194,7 @@ def evaluate(
     groups: dict[str, dict[str, dict]] = {g: {} for g in probes.groups}
     for side in sides:
         model, context = models[side]
-        with _seeded(seed, device), context():
+        with seeded(seed, device), context():
             gen = generate(model, tokenizer, texts, probes.max_new_tokens, probes.temperature,
                            batch_size=GENERATION_BATCH)
         rewards = reward(shown, gen.texts, [{} for _ in texts])
@@ -323,22 +313,18 @@ def run_eval(model: str, probes_path: str | Path | Probes, out_dir: str | Path, 
     for a plain model spec); `probes_path` may also be loaded Probes. Writes OUT_DIR/eval.json and
     OUT_DIR/answers.jsonl; returns the result dict (with "policy" and "reference" added).
     """
-    from rlhflab.data.prompts import resolve_prompt_format
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+    from rlhflab.models.loading import load_for_sampling, load_tokenizer
 
     probes = probes_path if isinstance(probes_path, Probes) else load_probes(probes_path)
     probes.behavior_reward()  # a bad spec fails before any model loads
     spec = _resolve_sides(str(model), reference)
-    device = pick_device(spec["device"])
-    dtype = pick_dtype(spec["dtype"], device)
-    tokenizer = load_tokenizer(spec["policy"])
-    if spec["reference"] != spec["policy"] and len(load_tokenizer(spec["reference"])) != len(tokenizer):
+    same = spec["reference"] == spec["policy"]
+    if not same and len(load_tokenizer(spec["reference"])) != len(load_tokenizer(spec["policy"])):
         raise UserError(f"policy '{spec['policy']}' and reference '{spec['reference']}' use different tokenizers; "
                         "the KL between them is undefined. Compare models that share a vocabulary")
-    prompt_format = resolve_prompt_format(tokenizer, spec["prompt_format"], spec["policy"])
-    policy = load_causal_lm(spec["policy"], device, dtype).eval()
-    ref = policy if spec["reference"] == spec["policy"] else load_causal_lm(spec["reference"], device, dtype).eval()
-    result, answers = evaluate(policy, ref, tokenizer, probes, prompt_format=prompt_format,
+    policy = load_for_sampling(spec["policy"], spec["device"], spec["dtype"], spec["prompt_format"])
+    ref = policy if same else load_for_sampling(spec["reference"], policy.device, spec["dtype"])
+    result, answers = evaluate(policy.model, ref.model, policy.tokenizer, probes, prompt_format=policy.prompt_format,
                                system_prompt=spec["system_prompt"], seed=seed)
     result = {"policy": spec["policy"], "reference": spec["reference"], **result}
     write_eval(out_dir, result, answers)

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -21,7 +22,8 @@ from rlhflab.files import atomic_dir
 
 
 def quiet_transformers() -> None:
-    """Silence per-load progress bars and advisory warnings; our own progress bar says what happens."""
+    """Silence transformers' per-load progress bars and advisory warnings, process-wide: for the `rlhflab`
+    command and bench/ scripts, whose own progress lines say what happens (a library caller keeps its own)."""
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -43,15 +45,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLHFLAB_CACHE", Path.home() / ".cache" / "rlhflab"))
 
 
-def pick_device(spec: str = "auto") -> torch.device:
-    device = torch.device(spec if spec != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        keep_freed_memory()
-    return device
+def pick_device(spec: str | torch.device = "auto") -> torch.device:
+    return torch.device(spec if spec != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def keep_freed_memory() -> None:
-    """Make glibc's malloc reuse freed memory instead of returning it to the kernel.
+    """Make glibc's malloc reuse freed memory instead of returning it to the kernel, process-wide: training
+    entry points call it (pipelines.train, the RLHF loop, `rlhflab rm train`, bench/).
 
     By default glibc serves every allocation above 32 MB (gradients, the 49k-vocabulary logits, the LM-head
     weight gradient) with a fresh mmap and unmaps it on free, so each training step page-faults its large
@@ -102,7 +102,6 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -185,7 +184,6 @@ def resolve_model_dir(spec: str) -> str:
 
 
 def from_pretrained(loader, spec: str, **kwargs):
-    quiet_transformers()
     source = resolve_model_dir(spec)
     try:
         return loader.from_pretrained(source, **kwargs)
@@ -237,6 +235,31 @@ def load_causal_lm(spec: str, device: torch.device, dtype: torch.dtype) -> nn.Mo
     model = from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
     disable_dropout(model)
     return model.to(device)
+
+
+class SamplingModel(NamedTuple):
+    """A model ready to sample from (`load_for_sampling`)."""
+
+    model: nn.Module  # eval mode, dropout off
+    tokenizer: object  # pad ≠ EOS, left padding
+    device: torch.device
+    prompt_format: str  # "chat" or "plain", resolved against the tokenizer's chat template
+
+
+def load_for_sampling(spec: str, device: str | torch.device = "auto", dtype: str = "auto",
+                      prompt_format: str = "auto") -> SamplingModel:
+    """Model spec → model and tokenizer for sampling, on `device` at `dtype` (`auto`: pick_dtype's choice).
+
+    The tokenizer and the prompt format are checked before the weights load, so a model without a chat
+    template fails fast when `prompt_format` is `chat`.
+    """
+    from rlhflab.data.prompts import resolve_prompt_format
+
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(spec)
+    fmt = resolve_prompt_format(tokenizer, prompt_format, spec)
+    model = load_causal_lm(spec, dev, pick_dtype(dtype, dev)).eval()
+    return SamplingModel(model, tokenizer, dev, fmt)
 
 
 def add_lora(model: nn.Module, r: int, alpha: float, target_modules, adapter_name: str = "default"):

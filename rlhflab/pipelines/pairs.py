@@ -11,6 +11,7 @@ interrupted run keeps what it made.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,11 +53,10 @@ def generate_pairs(
     only a model that keeps repeating itself reaches. `batch_size` answers (batch_size / 2 prompts) are
     sampled per `generate` call. `on_progress(stored)` is called after each batch.
     """
-    import torch
-
-    from rlhflab.data.prompts import load_prompts, render_prompt, resolve_prompt_format
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+    from rlhflab.data.prompts import load_prompts, render_prompt
+    from rlhflab.models.loading import load_for_sampling, pick_device
     from rlhflab.ppo.rollout import generate
+    from rlhflab.runs.seeding import seeded
 
     if pairs < 1:
         raise UserError(f"--pairs must be ≥ 1, got {pairs}")
@@ -65,13 +65,10 @@ def generate_pairs(
     if batch_size < 2:
         raise UserError(f"--batch-size must be ≥ 2 (two answers per prompt), got {batch_size}")
     items = load_prompts(prompts_file)  # a bad prompt file fails before the model loads
-    store = db if isinstance(db, PreferenceStore) else PreferenceStore(db)
-    try:
-        torch.manual_seed(seed)
-        dev = pick_device(device)
-        tokenizer = load_tokenizer(model)
-        lm = load_causal_lm(model, dev, pick_dtype("auto", dev)).eval()
-        fmt = resolve_prompt_format(tokenizer, prompt_format, model)
+    dev = pick_device(device)
+    opened = nullcontext(db) if isinstance(db, PreferenceStore) else PreferenceStore(db)
+    with opened as store, seeded(seed, dev):  # repeatable draws; the caller's RNG state is left as it was
+        lm, tokenizer, _, fmt = load_for_sampling(model, dev, prompt_format=prompt_format)
         rendered = [render_prompt(p, tokenizer, fmt, system_prompt) for p in items]
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens,
                     "prompt_format": fmt}
@@ -101,6 +98,3 @@ def generate_pairs(
             if on_progress is not None:
                 on_progress(stored)
         return GenerateCounts(stored, identical, existing, draws)
-    finally:
-        if not isinstance(db, PreferenceStore):
-            store.close()

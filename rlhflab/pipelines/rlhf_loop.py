@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -35,6 +34,7 @@ from pydantic import Field
 
 from rlhflab.config import (
     Config,
+    RewardModelConfig,
     Section,
     apply_overrides,
     config_from_dict,
@@ -43,29 +43,6 @@ from rlhflab.config import (
     validated,
 )
 from rlhflab.files import write_json_atomic
-
-
-class RMSettings(Section):
-    base: str | None = None
-    """Reward-model backbone: a model spec (None: the recipe's model.name, the round-1 policy)."""
-    lora: bool = True
-    """Train LoRA adapters (merged when saved) instead of every weight."""
-    lora_r: int = Field(16, ge=1)
-    """LoRA rank (alpha = 2·r)."""
-    epochs: int = Field(2, ge=1)
-    """Passes over the training pairs."""
-    lr: float | None = Field(None, gt=0)
-    """Learning rate (None: 2e-4 with LoRA, 1e-5 without)."""
-    batch_size: int = Field(8, ge=1)
-    """Pairs per optimizer step."""
-    margin: float = Field(0.0, ge=0)
-    """Bradley–Terry margin: loss −log σ(r_chosen − r_rejected − margin)."""
-    heldout_fraction: float = Field(0.1, ge=0, lt=1)
-    """Share of pairs (whole prompts) held out to measure accuracy."""
-    max_length: int = Field(256, ge=2)
-    """Longest RM input in tokens (prompt + answer + EOS); longer inputs lose their start."""
-    calibration_samples: int = Field(512, ge=2)
-    """Answers of the round's policy (a seeded sample) the mean-0/std-1 normalisation is fitted on."""
 
 
 class LoopConfig(Section):
@@ -91,8 +68,8 @@ class LoopConfig(Section):
     """Sampled answers per held-out prompt for judge_score_before/after."""
     seed: int = 0
     """Seed of pair sampling, RM training and the judge-score samples."""
-    rm: RMSettings = RMSettings()
-    """Reward-model training (rlhflab.reward_model.train_reward_model)."""
+    rm: RewardModelConfig = RewardModelConfig()
+    """Reward-model training, the keys of `rlhflab rm train` (base None: the recipe's model.name)."""
     set: list[str] = []
     """`dotted.key=value` overrides applied to the PPO recipe, like `rlhflab train --set`."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -135,11 +112,13 @@ def ppo_config(loop: LoopConfig, policy: str | None = None, rm_dir: Path | None 
 def run_loop(loop_yaml: str | Path, out_dir: str | Path, *, quiet: bool = False) -> dict:
     """Run (or continue) the loop in `out_dir`; returns the summary.
 
-    When no judge is set and pairs wait for a human label, prints how to label them and returns early with
+    Tunes the process's malloc for training (`keep_freed_memory`). When no judge is set and pairs wait for a
+    human label, prints how to label them and returns early with
     `summary["waiting_for_labels"]` = the number of unlabeled pairs (not written to summary.json).
     """
     from rich.console import Console
 
+    from rlhflab.models.loading import keep_freed_memory
     from rlhflab.preferences.store import PreferenceStore
     from rlhflab.rewards.specs import build_reward
 
@@ -152,6 +131,7 @@ def run_loop(loop_yaml: str | Path, out_dir: str | Path, *, quiet: bool = False)
     judge = build_reward(loop.judge, base_dir=base_dir) if loop.judge else None
     score_spec = loop.score_with or loop.judge
     scorer = build_reward(score_spec, base_dir=base_dir) if score_spec else None
+    keep_freed_memory()  # a training job (RM, PPO): large gradient buffers stay in the heap between steps
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"rounds": []}
@@ -203,9 +183,6 @@ def run_loop(loop_yaml: str | Path, out_dir: str | Path, *, quiet: bool = False)
                     return {**summary, "waiting_for_labels": pending}
             reference_answers = [(pair.prompt.text, text) for pair in _generated_by(store, policy)
                                  for text in (pair.a.text, pair.b.text)]
-        # a few hundred answers pin the mean and std to a few per cent; scoring all of a large round costs minutes
-        if len(reference_answers) > loop.rm.calibration_samples:
-            reference_answers = random.Random(loop.seed + r).sample(reference_answers, loop.rm.calibration_samples)
 
         # 3. reward model on every label so far
         rm_dir = round_dir / "rm"
@@ -213,12 +190,9 @@ def run_loop(loop_yaml: str | Path, out_dir: str | Path, *, quiet: bool = False)
             from rlhflab.rewards.reward_model import train_reward_model
 
             shutil.rmtree(rm_dir, ignore_errors=True)
-            s = loop.rm
-            train_reward_model(db, rm_dir, base=s.base or base_config.model.name, lora=s.lora, lora_r=s.lora_r,
-                               epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, margin=s.margin,
-                               heldout_fraction=s.heldout_fraction, seed=loop.seed + r, max_length=s.max_length,
-                               prompt_format=base_config.model.prompt_format, calibration=reference_answers,
-                               device=loop.device, quiet=quiet)
+            rm = loop.rm.model_copy(update={"base": loop.rm.base or base_config.model.name})
+            train_reward_model(db, rm_dir, rm, seed=loop.seed + r, prompt_format=base_config.model.prompt_format,
+                               calibration=reference_answers, device=loop.device, quiet=quiet)
             gc.collect()
         rm_info = json.loads((rm_dir / "rlhflab_rm.json").read_text())
 
@@ -257,21 +231,17 @@ def judge_score(model: str, prompts_file: str | Path, scorer, *, samples_per_pro
                 temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0, prompt_format: str = "auto",
                 system_prompt: str | None = None, device: str = "auto") -> float:
     """Mean score of `scorer` over answers sampled from `model`: every prompt × samples_per_prompt, seeded."""
-    import torch
-
-    from rlhflab.data.prompts import load_prompts, render_prompt, resolve_prompt_format
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+    from rlhflab.data.prompts import load_prompts, render_prompt
+    from rlhflab.models.loading import load_for_sampling
     from rlhflab.ppo.rollout import generate
+    from rlhflab.runs.seeding import seeded
 
     items = load_prompts(prompts_file)
-    dev = pick_device(device)
-    tokenizer = load_tokenizer(model)
-    lm = load_causal_lm(model, dev, pick_dtype("auto", dev)).eval()
-    fmt = resolve_prompt_format(tokenizer, prompt_format, model)
+    lm, tokenizer, dev, fmt = load_for_sampling(model, device, prompt_format=prompt_format)
     texts = [render_prompt(p, tokenizer, fmt, system_prompt) for p in items for _ in range(samples_per_prompt)]
-    torch.manual_seed(seed)
-    gen = generate(lm, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, with_logprobs=False,
-                   batch_size=16)
+    with seeded(seed, dev):
+        gen = generate(lm, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, with_logprobs=False,
+                       batch_size=16)
     shown = [p.display for p in items for _ in range(samples_per_prompt)]
     metadata = [dict(p.metadata) for p in items for _ in range(samples_per_prompt)]
     scores = scorer(shown, gen.texts, metadata)

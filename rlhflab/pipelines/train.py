@@ -23,11 +23,15 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     """Run PPO as configured; write metrics, samples, checkpoints and RUN_DIR/final. Returns the trainer.
 
     `reward` overrides config.reward.spec with any callable (prompts, completions, metadata) -> floats.
+    A job's entry point, it sets process-wide state: the global random generators (seeded with train.seed)
+    and malloc's reuse of freed memory (`keep_freed_memory`).
     """
     from rich.console import Console
 
     from rlhflab.evaluation.health import HealthMonitor
+    from rlhflab.models.loading import keep_freed_memory
     from rlhflab.ppo.trainer import PPOTrainer
+    from rlhflab.runs.seeding import seed_everything
     from rlhflab.runs.tracking import Tracker
 
     run_dir = Path(out)
@@ -36,6 +40,8 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     console = Console(stderr=True, quiet=quiet)
     started = time.perf_counter()
     probes = _load_probes(config)  # a bad probe file fails before minutes of model loading
+    keep_freed_memory()  # large gradient and logit buffers stay in the heap between steps (9 % per iteration)
+    seed_everything(config.train.seed)  # model init, sampling and shuffling; a resume restores the saved state
     trainer = PPOTrainer(config, run_dir, reward=reward)
     monitor = HealthMonitor()
     trainer.checkpoint_extras["health"] = monitor  # a resumed run keeps its alarm baselines and streaks

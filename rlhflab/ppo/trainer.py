@@ -13,7 +13,6 @@ The math lives in `kl.py`, `advantages.py`, `losses.py`, `stats.py`; the value m
 
 from __future__ import annotations
 
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -69,8 +68,9 @@ class PPOTrainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rank = rank
-        self.seed = c.train.seed + rank  # per-rank streams, so processes do not sample the same answers
-        self._seed_everything(self.seed)
+        # per-rank streams, so processes do not sample the same answers; the global generators are the
+        # caller's to seed (runs.seeding.seed_everything) before building the trainer
+        self.seed = c.train.seed + rank
         self.device = pick_device(c.model.device)
         self.dtype = pick_dtype(c.model.dtype, self.device)
 
@@ -104,12 +104,6 @@ class PPOTrainer:
 
     # -----------------------------------------------------------------------------------------------
     # set-up
-
-    @staticmethod
-    def _seed_everything(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
 
     def _build_policy_and_reference(self):
         c = self.config

@@ -36,7 +36,7 @@ RM_DIR layout (what transformers gives vs our score):
     calibration table, training settings.
 
 Use it as a reward with the spec `model:RM_DIR` (`rewards.build_reward`) or `load_reward_model(RM_DIR)`.
-The PPO critic is not initialised from the reward model (not implemented).
+`model.critic_init: RM_DIR` starts PPO's critic from it.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhflab.config import RewardModelConfig
 from rlhflab.errors import UserError
 from rlhflab.files import atomic_dir
 
@@ -287,18 +288,9 @@ def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: float) -
 def train_reward_model(
     data: str | Path,
     out_dir: str | Path,
+    config: RewardModelConfig | None = None,
     *,
-    base: str = "smollm2-135m-instruct",
-    lora: bool = True,
-    lora_r: int = 16,
-    lora_alpha: float | None = None,
-    epochs: int = 2,
-    lr: float | None = None,
-    batch_size: int = 8,
-    margin: float = 0.0,
-    heldout_fraction: float = 0.1,
     seed: int = 0,
-    max_length: int = 256,
     prompt_format: str = "auto",
     calibration: Sequence[tuple[str, str]] | None = None,
     device: str = "auto",
@@ -307,87 +299,86 @@ def train_reward_model(
     """Train a Bradley–Terry reward model on `data` and save it to `out_dir`; returns the metrics dict.
 
     data: a preference DB (pairs decided a/b) or a TRL JSONL (`prompt`, `chosen`, `rejected`).
-    base: any causal LM spec (`models.resolve_model_dir`); LoRA adapters (rank `lora_r`, alpha `lora_alpha`,
-    default 2·r) on every linear layer, or full fine-tuning with `lora=False`. lr default: 2e-4 with LoRA,
-    1e-5 without; AdamW, linear decay to 0, gradient norm clipped to 1.
-    calibration: (prompt, answer) samples of the reference policy for the normalisation; default: every
-    chosen and rejected answer of the training split.
-    `out_dir` is written atomically and must not exist yet (or be empty).
+    config: the hyper-parameters (None: `RewardModelConfig()`'s defaults); AdamW, linear decay to 0,
+    gradient norm clipped to 1. seed: the split, the adapters and the batch order (the caller's RNG state is
+    left as it was). prompt_format: how the policy sees prompts (`auto`, `chat`, `plain`).
+    calibration: (prompt, answer) samples of the reference policy for the normalisation, at most
+    `config.calibration_samples` of them (a seeded sample); default: every chosen and rejected answer of the
+    training split. `out_dir` is written atomically and must not exist yet (or be empty).
     """
     from rich.console import Console
 
     from rlhflab.data.prompts import resolve_prompt_format
     from rlhflab.models.forward import ValueHead
-    from rlhflab.models.loading import add_lora, load_causal_lm, pick_device, pick_dtype
+    from rlhflab.models.loading import EMBEDDED, add_lora, load_causal_lm, pick_device, pick_dtype
+    from rlhflab.runs.seeding import seeded
 
+    c = config or RewardModelConfig()
+    base = c.base or EMBEDDED
     console = Console(stderr=True, quiet=quiet)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty; pick another --out for the reward model")
-    if epochs < 1 or batch_size < 1 or max_length < 2:
-        raise UserError(f"need epochs ≥ 1, batch_size ≥ 1, max_length ≥ 2; got {epochs}, {batch_size}, {max_length}")
-    if margin < 0:
-        raise UserError(f"margin must be ≥ 0, got {margin}")
     pairs, left_out = load_preferences(data)
     if not pairs:
         raise UserError(f"{data} holds no decided preference pairs (left out: {left_out or 'nothing'}); "
                         "label some with `rlhflab prefs label` or `rlhflab prefs judge`")
-    train_pairs, heldout_pairs = split_by_prompt(pairs, heldout_fraction, seed)
-    lr = lr if lr is not None else (2e-4 if lora else 1e-5)
+    train_pairs, heldout_pairs = split_by_prompt(pairs, c.heldout_fraction, seed)
+    lr = c.learning_rate
     started = time.perf_counter()
 
-    torch.manual_seed(seed)
     dev = pick_device(device)
-    dtype = pick_dtype("auto", dev)
     tokenizer = rm_tokenizer(base)
     fmt = resolve_prompt_format(tokenizer, prompt_format, base)
-    backbone = load_causal_lm(base, dev, dtype)
-    if lora:
-        backbone = add_lora(backbone, lora_r, lora_alpha if lora_alpha is not None else 2 * lora_r, "all-linear")
-    head = ValueHead(backbone.config.hidden_size, "linear").to(dev)  # zero-initialised
-    # The Bradley–Terry loss only sees score differences, so the head's bias gets no gradient in exact
-    # arithmetic; frozen, Adam cannot turn rounding noise into drift. The normalisation sets the offset.
-    head.net[0].bias.requires_grad_(False)
-    model = ScalarRewardModel(backbone, head)
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps = epochs * math.ceil(len(train_pairs) / batch_size)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / steps))
 
     def texts(rows: list[PreferencePair]) -> tuple[list[str], list[str]]:
         return ([rm_text(tokenizer, p.prompt, p.chosen, fmt) for p in rows],
                 [rm_text(tokenizer, p.prompt, p.rejected, fmt) for p in rows])
 
     console.print(f"reward model: {len(train_pairs)} train / {len(heldout_pairs)} held-out pairs, base {base}, "
-                  f"{'LoRA r=' + str(lora_r) if lora else 'full fine-tuning'}, {epochs} epochs, lr {lr:g}")
+                  f"{'LoRA r=' + str(c.lora_r) if c.lora else 'full fine-tuning'}, {c.epochs} epochs, lr {lr:g}")
     history = []
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(train_pairs), generator=generator).tolist()
-        losses, accuracies = [], []
-        for start in range(0, len(order), batch_size):
-            batch = [train_pairs[i] for i in order[start : start + batch_size]]
-            chosen_texts, rejected_texts = texts(batch)
-            enc = _encode(tokenizer, chosen_texts + rejected_texts, max_length, dev)
-            scores = model(**enc)  # (2b,) chosen first, then rejected
-            loss, accuracy = bradley_terry_loss(scores[: len(batch)], scores[len(batch) :], margin)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item() * len(batch))
-            accuracies.append(accuracy.item() * len(batch))
-        row = {"epoch": epoch, "loss": sum(losses) / len(train_pairs), "accuracy": sum(accuracies) / len(train_pairs)}
-        history.append(row)
-        console.print(f"  epoch {epoch}: train loss {row['loss']:.4f}, accuracy {row['accuracy']:.1%} "
-                      f"({time.perf_counter() - started:.0f} s)")
+    with seeded(seed, dev):
+        backbone = load_causal_lm(base, dev, pick_dtype("auto", dev))
+        if c.lora:
+            backbone = add_lora(backbone, c.lora_r, c.lora_alpha or 2 * c.lora_r, "all-linear")
+        head = ValueHead(backbone.config.hidden_size, "linear").to(dev)  # zero-initialised
+        # The Bradley–Terry loss only sees score differences, so the head's bias gets no gradient in exact
+        # arithmetic; frozen, Adam cannot turn rounding noise into drift. The normalisation sets the offset.
+        head.net[0].bias.requires_grad_(False)
+        model = ScalarRewardModel(backbone, head)
+        params = [p for p in model.parameters() if p.requires_grad]
+        steps = c.epochs * math.ceil(len(train_pairs) / c.batch_size)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / steps))
+        generator = torch.Generator().manual_seed(seed)
+        model.train()
+        for epoch in range(1, c.epochs + 1):
+            order = torch.randperm(len(train_pairs), generator=generator).tolist()
+            losses, accuracies = [], []
+            for start in range(0, len(order), c.batch_size):
+                batch = [train_pairs[i] for i in order[start : start + c.batch_size]]
+                chosen_texts, rejected_texts = texts(batch)
+                enc = _encode(tokenizer, chosen_texts + rejected_texts, c.max_length, dev)
+                scores = model(**enc)  # (2b,) chosen first, then rejected
+                loss, accuracy = bradley_terry_loss(scores[: len(batch)], scores[len(batch) :], c.margin)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                losses.append(loss.item() * len(batch))
+                accuracies.append(accuracy.item() * len(batch))
+            row = {"epoch": epoch, "loss": sum(losses) / len(train_pairs),
+                   "accuracy": sum(accuracies) / len(train_pairs)}
+            history.append(row)
+            console.print(f"  epoch {epoch}: train loss {row['loss']:.4f}, accuracy {row['accuracy']:.1%} "
+                          f"({time.perf_counter() - started:.0f} s)")
 
     def evaluate(rows: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
         chosen_texts, rejected_texts = texts(rows)
         n = len(rows)
-        scores = score_texts(model, tokenizer, chosen_texts + rejected_texts, 2 * batch_size, max_length)
+        scores = score_texts(model, tokenizer, chosen_texts + rejected_texts, 2 * c.batch_size, c.max_length)
         return scores[:n], scores[n:]
 
     train_scores, heldout_scores = evaluate(train_pairs), evaluate(heldout_pairs)
@@ -396,12 +387,15 @@ def train_reward_model(
 
     # gain/bias normalisation (Ziegler et al. 2019): calibration-set scores get mean 0, std 1
     if calibration:
+        # a few hundred answers pin the mean and std to a few per cent; scoring a large round's all costs minutes
+        if len(calibration) > c.calibration_samples:
+            calibration = random.Random(seed).sample(list(calibration), c.calibration_samples)
         calib_texts = [rm_text(tokenizer, prompt, answer, fmt) for prompt, answer in calibration]
         calibration_source = "reference samples"
     else:
         calib_texts = [t for pair in zip(*texts(train_pairs)) for t in pair]
         calibration_source = "training answers"
-    raw = score_texts(model, tokenizer, calib_texts, 2 * batch_size, max_length).double()
+    raw = score_texts(model, tokenizer, calib_texts, 2 * c.batch_size, c.max_length).double()
     mean, std = float(raw.mean()), float(raw.std(unbiased=False))
     gain = 1.0 / std if std > 1e-8 else 1.0
     bias = -mean * gain
@@ -409,7 +403,7 @@ def train_reward_model(
     info = {
         "base": base,
         "prompt_format": fmt,
-        "max_length": max_length,
+        "max_length": c.max_length,
         "input": "render(prompt) + completion + eos_token; no special tokens added; right-padded; "
                  "truncated from the left",
         "gain": gain,
@@ -419,22 +413,20 @@ def train_reward_model(
         "calibration_samples": len(calib_texts),
         "calibration_raw_mean": mean,
         "calibration_raw_std": std,
-        "train": _pair_metrics(*train_scores, margin),
-        "heldout": _pair_metrics(*heldout_scores, margin),
+        "train": _pair_metrics(*train_scores, c.margin),
+        "heldout": _pair_metrics(*heldout_scores, c.margin),
         "accuracy": None,  # filled below: held-out accuracy, or train accuracy without a held-out split
         "calibration_table_on": calibrated_on,
         "calibration_table": table,
         "expected_calibration_error": expected_calibration_error(table),
         "left_out": left_out,
         "history": history,
-        "settings": {"lora": lora, "lora_r": lora_r if lora else None, "epochs": epochs, "lr": lr,
-                     "batch_size": batch_size, "margin": margin, "heldout_fraction": heldout_fraction,
-                     "seed": seed, "data": str(data)},
+        "settings": {**c.model_dump(mode="json"), "base": base, "lr": lr, "seed": seed, "data": str(data)},
         "time_s": None,
     }
     info["accuracy"] = info["heldout"]["accuracy"] if heldout_pairs else info["train"]["accuracy"]
 
-    merged = backbone.merge_and_unload() if lora else backbone
+    merged = backbone.merge_and_unload() if c.lora else backbone
     w = head.net[0].weight.detach().float().cpu()  # (1, H)
     head_bias = float(head.net[0].bias.detach())
     info["head_bias"] = head_bias
