@@ -52,7 +52,7 @@ def test_prefill_runs_the_shared_prefix_once_and_each_distinct_prompt_once():
 def test_inverse_cdf_sampler_draws_from_the_tempered_top_k_top_p_distribution():
     """The sampler's draws follow softmax(logits / T) restricted by top-k/top-p, and it hands generate's
     argmax exactly one token per row."""
-    from rlhflab.ppo.rollout import InverseCDFSampler
+    from rlhflab.ppo.rollout import StepSampler
 
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]))
@@ -63,9 +63,9 @@ def test_inverse_cdf_sampler_draws_from_the_tempered_top_k_top_p_distribution():
         assert torch.equal(torch.isfinite(out).sum(1), torch.ones(len(rows), dtype=torch.long))
         return torch.bincount(out.argmax(1), minlength=5).float() / len(rows)
 
-    assert torch.allclose(frequencies(InverseCDFSampler(1.0, 0, 1.0)), torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.01)
+    assert torch.allclose(frequencies(StepSampler(1.0, 0, 1.0)), torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.01)
     tempered = torch.softmax(logits / 2.0, -1)
-    assert torch.allclose(frequencies(InverseCDFSampler(2.0, 0, 1.0)), tempered, atol=0.01)
-    assert torch.allclose(frequencies(InverseCDFSampler(1.0, 2, 1.0)), torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.01)
-    top_p = frequencies(InverseCDFSampler(1.0, 0, 0.9))  # keeps the smallest set with mass ≥ 0.9: 3 tokens
+    assert torch.allclose(frequencies(StepSampler(2.0, 0, 1.0)), tempered, atol=0.01)
+    assert torch.allclose(frequencies(StepSampler(1.0, 2, 1.0)), torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.01)
+    top_p = frequencies(StepSampler(1.0, 0, 0.9))  # keeps the smallest set with mass ≥ 0.9: 3 tokens
     assert torch.allclose(top_p, torch.tensor([0.5, 0.3, 0.15, 0, 0]) / 0.95, atol=0.01)
