@@ -80,7 +80,7 @@ def run_variant(variant: str, model_dir: str, batch: int, max_new_tokens: int) -
     answer_tokens = 0
     if variant == "old":
         with torch.no_grad():
-            response_ids, logprobs, entropy = old_rollout(model, tokenizer, texts, max_new_tokens)
+            response_ids, _, _ = old_rollout(model, tokenizer, texts, max_new_tokens)
         answer_tokens = response_ids.shape[1]
     elif variant == "new":
         gen = generate(model, tokenizer, texts, max_new_tokens)
@@ -111,8 +111,9 @@ def main() -> None:
             print(line, flush=True)
             peaks[variant] = float(line.rsplit("peak_rss_mib=", 1)[1])
     cells = args.batch * args.new_tokens * args.vocab
-    print(f"B={args.batch} T={args.new_tokens} V={args.vocab}: one (B, T, V) float32 tensor is {cells * 4 / 2**20:.0f} MiB;"
-          f" above loading: old {peaks['old'] - peaks['load']:.0f} MiB, new {peaks['new'] - peaks['load']:.0f} MiB")
+    print(f"B={args.batch} T={args.new_tokens} V={args.vocab}: one (B, T, V) float32 tensor is "
+          f"{cells * 4 / 2**20:.0f} MiB; above loading: old {peaks['old'] - peaks['load']:.0f} MiB, "
+          f"new {peaks['new'] - peaks['load']:.0f} MiB")
     print(f"peak_rss_mib_old={peaks['old']:.0f} peak_rss_mib_new={peaks['new']:.0f}")
 
 

@@ -130,7 +130,9 @@ def test_generation_config_json_does_not_change_what_is_sampled(tmp_path):
         min_new_tokens=4, bad_words_ids=[[73]], sequence_bias=[[[74], 5.0]], forced_eos_token_id=2,
         exponential_decay_length_penalty=[2, 1.5], renormalize_logits=True, remove_invalid_values=True,
         encoder_no_repeat_ngram_size=2, encoder_repetition_penalty=2.0, min_length=3, num_beams=2,
-        num_return_sequences=2, top_k=5, temperature=0.3, do_sample=True,
+        num_return_sequences=2, top_k=5, temperature=0.3, do_sample=True, guidance_scale=1.5,
+        watermarking_config={"bias": 2.0}, forced_bos_token_id=3, max_time=0.01, prompt_lookup_num_tokens=3,
+        token_healing=True, penalty_alpha=0.6, stop_strings=["a"],
     )
     tok = load_tokenizer("tiny")
     texts = ["Hi"] * 32
