@@ -110,12 +110,24 @@ def resolve_prompt_format(tokenizer, requested: str, model_name: str) -> str:
     return requested
 
 
+def bos_text(tokenizer) -> str:
+    """The BOS token's text if the tokenizer starts every encoding with it (Llama, Gemma), else "".
+
+    Rendered prompts are tokenized without special tokens, so that a chat template's own BOS is not doubled;
+    a plain prompt gets its BOS from `render_prompt` instead.
+    """
+    bos = tokenizer.bos_token_id
+    wants = bos is not None and tokenizer("a", add_special_tokens=True).input_ids[:1] == [bos]
+    return tokenizer.bos_token if wants else ""
+
+
 def render_prompt(prompt: Prompt, tokenizer, prompt_format: str, system_prompt: str | None = None) -> str:
-    """The exact text fed to the model: the chat template with a generation prompt, or the raw text."""
+    """The exact text fed to the model: the chat template with a generation prompt, or the raw text after the
+    BOS the tokenizer would add."""
     if prompt_format == "plain":
-        if prompt.text is None:
-            return "\n".join(m["content"] for m in prompt.messages)
-        return prompt.text
+        text = "\n".join(m["content"] for m in prompt.messages) if prompt.text is None else prompt.text
+        bos = bos_text(tokenizer)
+        return text if text.startswith(bos) else bos + text
     messages = prompt.messages or [{"role": "user", "content": prompt.text}]
     if system_prompt is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages

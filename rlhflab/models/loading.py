@@ -218,6 +218,14 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
+def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS, then those of the model's generation_config.json
+    (chat models list their end-of-turn token there beside the base model's EOS, or the other way round)."""
+    shipped = model.generation_config.eos_token_id
+    shipped = [] if shipped is None else [shipped] if isinstance(shipped, int) else list(shipped)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *shipped]))
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off everywhere (implementation detail 12): it makes PPO's ratios and values noisy."""
     for module in model.modules():

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rlhflab.errors import UserError
 from rlhflab.models.forward import entropy_from_logits, forward_response, logprobs_from_logits, shared_prefix_len
+from rlhflab.models.loading import eos_token_ids
 
 
 @dataclass
@@ -69,42 +71,107 @@ class Rollout:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: generate, score, forwards
 
 
-def response_mask_after_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask that is 1 up to and including the first EOS, 0 after it (implementation detail 4).
+def response_mask_after_eos(response_ids: torch.Tensor, eos_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask that is 1 up to and including the first EOS (any of `eos_ids`), 0 after it (implementation detail 4).
 
     response_ids (B, T) -> (mask (B, T) float, has_eos (B,) bool)
     """
-    is_eos = response_ids == eos_id
+    is_eos = torch.isin(response_ids, torch.as_tensor(eos_ids, device=response_ids.device))
     after_first = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     return (~after_first).float(), is_eos.any(1)
 
 
-class InverseCDFSampler:
-    """A logits processor that draws the next token (temperature, top-k, top-p) and leaves only that token
-    for `generate`'s greedy argmax.
+# Every GenerationConfig field that changes which token `generate` picks, at its neutral value. `generate`
+# fills each field its caller leaves unset from the model's generation_config.json (a hub model's
+# `repetition_penalty: 1.05` would sample from another distribution than the softmax our log-probs describe);
+# fields passed as arguments override the file, None included.
+NEUTRAL_DECODING = {
+    # logits processors
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0,
+    "min_new_tokens": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+    "remove_invalid_values": False, "guidance_scale": None, "watermarking_config": None,
+    # decoding other than one greedy pass over StepSampler's pick; stops other than EOS and the token budget
+    "num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None, "constraints": None, "force_words_ids": None,
+    "dola_layers": None, "use_mtp": False, "prompt_lookup_num_tokens": None, "assistant_early_exit": None,
+    "token_healing": False, "stop_strings": None, "max_time": None,
+}
+# The remaining fields, which cannot change the tokens of that greedy pass.
+INERT_DECODING = {
+    # sampling warpers, built only with do_sample=True
+    "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    # beam search and assisted decoding only
+    "early_stopping", "length_penalty", "diversity_penalty", "num_beam_groups", "low_memory", "is_assistant",
+    "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+    "assistant_lookbehind", "target_lookbehind", "assistant_ensemble_weight", "speculation_type",
+    "max_matching_ngram_size",
+    # lengths and ids we pass, caching and compilation, what is returned
+    "max_length", "max_new_tokens", "do_sample", "eos_token_id", "pad_token_id", "bos_token_id",
+    "decoder_start_token_id", "use_cache", "cache_implementation", "cache_config", "max_cache_len",
+    "prefill_chunk_size", "compile_config", "disable_compile", "continuous_batching_config", "output_attentions",
+    "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate", "_from_model_config",
+    "transformers_version",
+}
+
+
+def check_decoding_fields(model: nn.Module) -> None:
+    """Refuse a model whose generation_config.json sets a field that neither list above knows (one a newer
+    transformers added): it might change the distribution we sample from behind the log-probs' back."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig().to_dict()
+    unknown = sorted(k for k in model.generation_config.to_diff_dict()
+                     if k in known and k not in NEUTRAL_DECODING and k not in INERT_DECODING)
+    if unknown:
+        raise UserError(
+            f"the model's generation_config.json sets {', '.join(unknown)}, which rlhflab does not know to leave the "
+            "sampling distribution alone; remove it from the file (or add it to rollout.NEUTRAL_DECODING)"
+        )
+
+
+class StepSampler:
+    """`generate`'s one logits processor: picks each next token, drawn (temperature, top-k, top-p) or greedy,
+    leaves only that token for `generate`'s greedy argmax, and records the token's log-prob and the entropy at
+    the sampling temperature as it goes.
+
+    Recording here keeps a rollout's memory O(B·T): `output_logits` would keep every step's full-vocabulary
+    logits, ≈ 4·B·T·V floats once stacked and soft-maxed (bench/rollout_memory.py). The scores it sees are the
+    model's raw logits: NEUTRAL_DECODING leaves no other processor in front of it.
 
     transformers samples with torch.multinomial, which on CPU draws an exponential variate per vocabulary
     entry: ~35 ms a step at batch 16 over SmolLM2's 49k vocabulary, a fifth of a decode step. A cumulative
     sum and a binary search draw from the same distribution in ~3 ms; generate has no sampler hook, hence
-    this processor. The recorded logits (`output_logits`) stay the raw ones.
+    this processor.
     """
 
-    def __init__(self, temperature: float, top_k: int, top_p: float):
+    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0, do_sample: bool = True,
+                 record: bool = False):
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+        self.temperature, self.do_sample, self.record = temperature, do_sample, record
         self.warpers = [TemperatureLogitsWarper(temperature)]
         if top_k > 0:
             self.warpers.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
+        self.logprobs: list[torch.Tensor] = []  # per step (B,) log π(picked token) at the temperature
+        self.entropy: list[torch.Tensor] = []  # per step (B,)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        token = self.draw(input_ids, scores) if self.do_sample else scores.argmax(-1, keepdim=True)  # (B, 1)
+        if self.record:  # top-k/top-p restrict the draw only: the log-probs describe the tempered softmax
+            self.logprobs.append(logprobs_from_logits(scores, token.squeeze(1), self.temperature))
+            self.entropy.append(entropy_from_logits(scores, self.temperature))
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+    def draw(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """scores (B, V) -> tokens (B, 1) drawn from softmax(scores / T) restricted by top-k/top-p."""
         for warp in self.warpers:
             scores = warp(input_ids, scores)
         cdf = torch.softmax(scores.float(), -1).cumsum(-1)  # (B, V)
         u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]  # (B, 1) in [0, total)
-        token = torch.searchsorted(cdf, u, right=True)  # first index with cdf > u: never a zero-probability token
-        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+        return torch.searchsorted(cdf, u, right=True)  # first index with cdf > u: never a zero-probability token
 
 
 def _prefill(model: nn.Module, texts: list[str], enc: dict):
@@ -135,11 +202,11 @@ def _prefill(model: nn.Module, texts: list[str], enc: dict):
     position_ids = (layout_mask.cumsum(-1) - 1).clamp(min=0)
     cache = None
     if P > 0:
-        cache = model(input_ids=layout_ids[:1, :P], position_ids=position_ids[:1, :P], use_cache=True).past_key_values
+        cache = model(input_ids=layout_ids[:1, :P], position_ids=position_ids[:1, :P], use_cache=True).cache
         cache.batch_repeat_interleave(len(rests))
     if R > 1:  # the rest but the last column
         cache = model(input_ids=layout_ids[:, P:-1], attention_mask=layout_mask[:, :-1],
-                      position_ids=position_ids[:, P:-1], past_key_values=cache, use_cache=True).past_key_values
+                      position_ids=position_ids[:, P:-1], cache=cache, use_cache=True).cache
     if cache is None:  # every prompt is one token
         return None
     repeats = torch.tensor([unique_of[t] for t in texts], device=device)  # (B,) distinct prompt of each row
@@ -163,46 +230,48 @@ def generate(
 ) -> Generation:
     """Sample one answer per text (repeat texts for several samples per prompt).
 
-    Stops as soon as every sequence of a batch has emitted EOS. Log-probs come from the raw logits of the
-    sampling steps divided by the temperature: the same numbers a training forward would give, without a
-    second pass (implementation detail 6); top-k/top-p only restrict which tokens are drawn. A value head on
-    the policy trunk (shared critic) reads the last hidden states of the same steps, saving a forward pass.
+    Stops as soon as every sequence of a batch has emitted one of the EOS ids (the tokenizer's and the model's
+    generation_config.json's). Log-probs come from the raw logits of the sampling steps divided by the
+    temperature: the same numbers a training forward would give, without a second pass (implementation
+    detail 6); top-k/top-p only restrict which tokens are drawn. A value head on the policy trunk (shared
+    critic) reads the last hidden states of the same steps, saving a forward pass.
     """
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
+    check_decoding_fields(model)
+    eos_ids = eos_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
-    config = GenerationConfig(
+    decoding = dict(
+        NEUTRAL_DECODING,
         max_new_tokens=max_new_tokens,
-        do_sample=False,  # greedy, or greedy over the sampler's one remaining token
+        do_sample=False,  # greedy over the sampler's one remaining token
         temperature=None,
         top_k=None,
         top_p=None,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
         return_dict_in_generate=True,
-        output_logits=with_logprobs,
         output_hidden_states=value_head is not None,
     )
-    sampler = LogitsProcessorList([InverseCDFSampler(temperature, top_k, top_p)] if do_sample else [])
     parts = []
     step = batch_size or len(texts)
     for start in range(0, len(texts), step):
         batch = texts[start : start + step]
+        # no special tokens: a chat template writes its own BOS, render_prompt adds it to plain prompts
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
         prefill = _prefill(model, batch, enc)
         cache, ids, mask = (None, enc["input_ids"], enc["attention_mask"]) if prefill is None else prefill
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, past_key_values=cache,
-                             logits_processor=sampler)
+        sampler = StepSampler(temperature, top_k, top_p, do_sample, record=with_logprobs)
+        out = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                             logits_processor=LogitsProcessorList([sampler]), **decoding)
         q = ids.shape[1]
         response_ids = out.sequences[:, q:]  # (b, T)
         logprobs = entropy = values = None
         if with_logprobs:
-            logits = torch.stack(out.logits, 1)  # (b, T, V)
-            logprobs = logprobs_from_logits(logits, response_ids, temperature)
-            entropy = entropy_from_logits(logits, temperature)
+            logprobs, entropy = torch.stack(sampler.logprobs, 1), torch.stack(sampler.entropy, 1)  # (b, T)
         if value_head is not None:
             # step t's last-layer state at the newest position is the state that predicts answer token t
             hidden = torch.cat([step[-1][:, -1:] for step in out.hidden_states], 1)  # (b, T, H)
@@ -222,7 +291,7 @@ def generate(
     query_ids = cat(0, tokenizer.pad_token_id, left=True)
     query_mask = cat(1, 0, left=True)
     response_ids = cat(2, tokenizer.pad_token_id, left=False)
-    mask, has_eos = response_mask_after_eos(response_ids, tokenizer.eos_token_id)
+    mask, has_eos = response_mask_after_eos(response_ids, eos_ids)
     response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)
     logprobs = cat(3, 0.0, left=False) * mask if with_logprobs else None
     entropy = cat(4, 0.0, left=False) * mask if with_logprobs else None
