@@ -56,17 +56,20 @@ def sample(
     import json
 
     from rlhflab.data.prompts import load_prompts, render_prompt, resolve_prompt_format
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device
+    from rlhflab.models.precision import resolve_precision
     from rlhflab.ppo.rollout import generate
 
     device = pick_device()
+    precision = resolve_precision("auto", device)
     tok = load_tokenizer(model)
-    lm = load_causal_lm(model, device, pick_dtype("auto", device)).eval()
+    lm = load_causal_lm(model, device, precision.param_dtype).eval()
     fmt = resolve_prompt_format(tok, prompt_format, model)
     items = load_prompts(prompts)
     texts = [render_prompt(p, tok, fmt) for p in items for _ in range(n)]
-    gen = generate(lm, tok, texts, max_new_tokens, max(temperature, 1e-5), do_sample=temperature > 0,
-                   with_logprobs=False, batch_size=16)
+    with precision.autocast():
+        gen = generate(lm, tok, texts, max_new_tokens, max(temperature, 1e-5), do_sample=temperature > 0,
+                       with_logprobs=False, batch_size=16)
     for i, answer in enumerate(gen.texts):
         print(json.dumps({"prompt": items[i // n].display, "completion": answer}))
 
@@ -80,14 +83,16 @@ def chat(
     system_prompt: Optional[str] = typer.Option(None, help="System message."),
 ):
     """Chat with a model in the terminal (empty line or Ctrl-D to quit)."""
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device
+    from rlhflab.models.precision import resolve_precision
     from rlhflab.ppo.rollout import generate
 
     device = pick_device()
+    precision = resolve_precision("auto", device)
     tok = load_tokenizer(model)
     if not getattr(tok, "chat_template", None):
         raise UserError(f"'{model}' has no chat template; use `rlhflab sample` with plain prompts instead")
-    lm = load_causal_lm(model, device, pick_dtype("auto", device)).eval()
+    lm = load_causal_lm(model, device, precision.param_dtype).eval()
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     while True:
         try:
@@ -98,8 +103,9 @@ def chat(
             break
         messages.append({"role": "user", "content": line})
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        gen = generate(lm, tok, [text], max_new_tokens, max(temperature, 1e-5), do_sample=temperature > 0,
-                       with_logprobs=False)
+        with precision.autocast():
+            gen = generate(lm, tok, [text], max_new_tokens, max(temperature, 1e-5), do_sample=temperature > 0,
+                           with_logprobs=False)
         print(f"model> {gen.texts[0]}")
         messages.append({"role": "assistant", "content": gen.texts[0]})
 

@@ -324,13 +324,15 @@ def run_eval(model: str, probes_path: str | Path | Probes, out_dir: str | Path, 
     OUT_DIR/answers.jsonl; returns the result dict (with "policy" and "reference" added).
     """
     from rlhflab.data.prompts import resolve_prompt_format
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device
+    from rlhflab.models.precision import resolve_precision
 
     probes = probes_path if isinstance(probes_path, Probes) else load_probes(probes_path)
     probes.behavior_reward()  # a bad spec fails before any model loads
     spec = _resolve_sides(str(model), reference)
     device = pick_device(spec["device"])
-    dtype = pick_dtype(spec["dtype"], device)
+    precision = resolve_precision(spec["dtype"], device)
+    dtype = precision.param_dtype
     tokenizer = load_tokenizer(spec["policy"])
     if spec["reference"] != spec["policy"] and len(load_tokenizer(spec["reference"])) != len(tokenizer):
         raise UserError(f"policy '{spec['policy']}' and reference '{spec['reference']}' use different tokenizers; "
@@ -338,8 +340,9 @@ def run_eval(model: str, probes_path: str | Path | Probes, out_dir: str | Path, 
     prompt_format = resolve_prompt_format(tokenizer, spec["prompt_format"], spec["policy"])
     policy = load_causal_lm(spec["policy"], device, dtype).eval()
     ref = policy if spec["reference"] == spec["policy"] else load_causal_lm(spec["reference"], device, dtype).eval()
-    result, answers = evaluate(policy, ref, tokenizer, probes, prompt_format=prompt_format,
-                               system_prompt=spec["system_prompt"], seed=seed)
+    with precision.autocast():
+        result, answers = evaluate(policy, ref, tokenizer, probes, prompt_format=prompt_format,
+                                   system_prompt=spec["system_prompt"], seed=seed)
     result = {"policy": spec["policy"], "reference": spec["reference"], **result}
     write_eval(out_dir, result, answers)
     return result

@@ -68,13 +68,6 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value mallopt takes (an int)
 
 
-def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
-    # CPUs without native bf16 run bf16 matmuls hundreds of times slower than fp32.
-    if spec == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec]
-
-
 # ---------------------------------------------------------------------------------------------------
 # resolving a spec to a local directory
 

@@ -55,7 +55,8 @@ def generate_pairs(
     import torch
 
     from rlhflab.data.prompts import load_prompts, render_prompt, resolve_prompt_format
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device
+    from rlhflab.models.precision import resolve_precision
     from rlhflab.ppo.rollout import generate
 
     if pairs < 1:
@@ -70,7 +71,8 @@ def generate_pairs(
         torch.manual_seed(seed)
         dev = pick_device(device)
         tokenizer = load_tokenizer(model)
-        lm = load_causal_lm(model, dev, pick_dtype("auto", dev)).eval()
+        precision = resolve_precision("auto", dev)
+        lm = load_causal_lm(model, dev, precision.param_dtype).eval()
         fmt = resolve_prompt_format(tokenizer, prompt_format, model)
         rendered = [render_prompt(p, tokenizer, fmt, system_prompt) for p in items]
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens,
@@ -84,8 +86,9 @@ def generate_pairs(
             cursor += k
             draws += k
             texts = [rendered[i] for i in idx for _ in range(2)]
-            gen = generate(lm, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, do_sample=True,
-                           with_logprobs=False)
+            with precision.autocast():
+                gen = generate(lm, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, do_sample=True,
+                               with_logprobs=False)
             for j, i in enumerate(idx):
                 a, b = gen.texts[2 * j], gen.texts[2 * j + 1]
                 if a == b:

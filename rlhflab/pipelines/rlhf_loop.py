@@ -260,18 +260,21 @@ def judge_score(model: str, prompts_file: str | Path, scorer, *, samples_per_pro
     import torch
 
     from rlhflab.data.prompts import load_prompts, render_prompt, resolve_prompt_format
-    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+    from rlhflab.models.loading import load_causal_lm, load_tokenizer, pick_device
+    from rlhflab.models.precision import resolve_precision
     from rlhflab.ppo.rollout import generate
 
     items = load_prompts(prompts_file)
     dev = pick_device(device)
+    precision = resolve_precision("auto", dev)
     tokenizer = load_tokenizer(model)
-    lm = load_causal_lm(model, dev, pick_dtype("auto", dev)).eval()
+    lm = load_causal_lm(model, dev, precision.param_dtype).eval()
     fmt = resolve_prompt_format(tokenizer, prompt_format, model)
     texts = [render_prompt(p, tokenizer, fmt, system_prompt) for p in items for _ in range(samples_per_prompt)]
     torch.manual_seed(seed)
-    gen = generate(lm, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, with_logprobs=False,
-                   batch_size=16)
+    with precision.autocast():
+        gen = generate(lm, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, with_logprobs=False,
+                       batch_size=16)
     shown = [p.display for p in items for _ in range(samples_per_prompt)]
     metadata = [dict(p.metadata) for p in items for _ in range(samples_per_prompt)]
     scores = scorer(shown, gen.texts, metadata)

@@ -32,8 +32,8 @@ from rlhflab.models.loading import (
     load_causal_lm,
     load_tokenizer,
     pick_device,
-    pick_dtype,
 )
+from rlhflab.models.precision import resolve_precision
 from rlhflab.ppo.advantages import (
     apply_missing_eos_penalty,
     gae,
@@ -61,7 +61,8 @@ class PPOTrainer:
         self.seed = c.train.seed + rank  # per-rank streams, so processes do not sample the same answers
         self._seed_everything(self.seed)
         self.device = pick_device(c.model.device)
-        self.dtype = pick_dtype(c.model.dtype, self.device)
+        self.precision = resolve_precision(c.model.dtype, self.device)
+        self.dtype = self.precision.param_dtype
 
         # reward first: a broken spec should fail before minutes of model loading
         from rlhflab.rewards.specs import build_reward
@@ -172,12 +173,30 @@ class PPOTrainer:
         """Reference log-probs, and separate-critic values, in rollout-sized batches with padding trimmed."""
         c = self.config
         step, temperature = c.rollout.generation_batch_size, c.rollout.temperature
-        with self._reference_context():
+        with self._reference_context(), self.precision.autocast():
             ref_logprobs, _ = forward_answers(gen, self.ref_model or self.policy, temperature, step)
         values = gen.values  # a head on the policy trunk read them during sampling
         if self.critic is not None:
-            _, values = forward_answers(gen, self.critic, temperature, step, self.value_head, with_logits=False)
+            with self.precision.autocast():
+                _, values = forward_answers(gen, self.critic, temperature, step, self.value_head, with_logits=False)
         return ref_logprobs, values
+
+    @property
+    def recomputes_old_logprobs(self) -> bool:
+        """In bf16 the sampling pass (KV cache, one token a step) and the training forward (whole sequences,
+        packed) round differently, so the first ratio is not 1; old log-probs from a training-style forward
+        make it 1 again (as OpenRLHF and veRL do), for one more policy forward (docs/ppo.md, detail 6)."""
+        mode = self.config.ppo.recompute_old_logprobs
+        return mode == "always" or (mode == "auto" and self.precision.compute_dtype == torch.bfloat16)
+
+    def _recompute_old_logprobs(self, gen) -> None:
+        c = self.config
+        shared_head = self.value_head if self.critic is None else None
+        with self.precision.autocast():
+            gen.logprobs, values = forward_answers(gen, self.policy, c.rollout.temperature,
+                                                   c.rollout.generation_batch_size, shared_head)
+        if shared_head is not None:
+            gen.values = values
 
     def _normalize_scores(self, scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         r = self.config.reward
@@ -196,9 +215,10 @@ class PPOTrainer:
         t0 = time.perf_counter()
         # 1. rollout
         shared_head = self.value_head if self.critic is None else None
-        gen = generate(self.policy, self.tokenizer, [self.prompt_texts[i] for i in idx], c.rollout.max_new_tokens,
-                       c.rollout.temperature, c.rollout.top_k, c.rollout.top_p,
-                       batch_size=c.rollout.generation_batch_size, value_head=shared_head)
+        with self.precision.autocast():
+            gen = generate(self.policy, self.tokenizer, [self.prompt_texts[i] for i in idx], c.rollout.max_new_tokens,
+                           c.rollout.temperature, c.rollout.top_k, c.rollout.top_p,
+                           batch_size=c.rollout.generation_batch_size, value_head=shared_head)
         t1 = time.perf_counter()
         # 2. score
         prompts = [self.prompts[i].display for i in idx]
@@ -207,7 +227,9 @@ class PPOTrainer:
         raw = torch.tensor(total, dtype=torch.float32, device=self.device)
         scores = self._normalize_scores(raw, gen.has_eos.to(self.device))
         t2 = time.perf_counter()
-        # 3. reference log-probs, values, per-token KL
+        # 3. reference log-probs, values, per-token KL (old log-probs too, when recomputed)
+        if self.recomputes_old_logprobs:
+            self._recompute_old_logprobs(gen)
         ref_logprobs, values = self._score_forwards(gen)
         mask = gen.response_mask
         kl = kl_estimators(gen.logprobs, ref_logprobs)
@@ -259,8 +281,9 @@ class PPOTrainer:
                     mask = gen.response_mask[s, :t]
                     adv, old_lp = ro.advantages[s, :t], gen.logprobs[s, :t]
                     shared_head = self.value_head if self.critic is None else None
-                    out = forward_response(self.policy, i, a, t, c.rollout.temperature, shared_head,
-                                           with_entropy=want_entropy)
+                    with self.precision.autocast():
+                        out = forward_response(self.policy, i, a, t, c.rollout.temperature, shared_head,
+                                               with_entropy=want_entropy)
                     pg_loss, pg = policy_loss(out.logprobs, old_lp, adv, mask, c.ppo.clip_range, c.ppo.dual_clip)
                     loss = pg_loss if train_policy else pg_loss * 0.0
                     if c.ppo.kl_in == "loss":
@@ -269,8 +292,9 @@ class PPOTrainer:
                     if want_entropy:
                         loss = loss - c.ppo.entropy_coef * masked_mean(out.entropy, mask)
                     if self.value_head is not None:
-                        values = out.values if shared_head is not None else forward_response(
-                            self.critic, i, a, t, c.rollout.temperature, self.value_head, with_logits=False).values
+                        with self.precision.autocast():
+                            values = out.values if shared_head is not None else forward_response(
+                                self.critic, i, a, t, c.rollout.temperature, self.value_head, with_logits=False).values
                         v_loss, v_clipfrac = value_loss(values, ro.values[s, :t], ro.returns[s, :t], mask,
                                                           c.ppo.clip_range_value, c.ppo.value_loss)
                         loss = loss + (c.ppo.vf_coef if shared_head is not None else 1.0) * v_loss
@@ -296,6 +320,8 @@ class PPOTrainer:
             if c.ppo.target_approx_kl is not None and np.mean(epoch_kl) > c.ppo.target_approx_kl:
                 break  # early stop of the remaining epochs (the old TRL guardrail)
         out = {k: (max(v) if k == "policy/ratio_max" else float(np.mean(v))) for k, v in stats.items()}
+        # before any step of this iteration the policy is the one that sampled: 1 up to rounding (docs/ppo.md)
+        out["policy/ratio_first_minibatch"] = stats["policy/ratio_mean"][0]
         out["policy/epochs"] = float(len(stats["policy/epochs"]))
         out["policy/skipped_minibatches"] = float(np.sum(stats["policy/skipped_minibatches"]))
         return out
@@ -403,7 +429,8 @@ class PPOTrainer:
             "critic_opt": self.critic_opt.state_dict() if self.critic_opt else None,
             "critic_sched": self.critic_sched.state_dict() if self.critic_sched else None,
             "sampler": self.sampler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
         return save_checkpoint(self.run_dir, self.iteration, tensors, state, self.config.train.keep_checkpoints)
 
@@ -426,6 +453,8 @@ class PPOTrainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.iteration, self.kl_coef = state["iteration"], state["kl_coef"]
         for name in ("metrics.jsonl", "samples.jsonl"):
             truncate_jsonl(self.run_dir / name, self.iteration)

@@ -1,0 +1,1 @@
+"""A run directory's files: checkpoints (atomic, resumable) and the metric/sample logs with trackers."""
