@@ -33,8 +33,10 @@ def best(fn, repeats: int) -> float:
 
 
 def matmul_seconds(m: int, k: int, n: int, bf16: bool, repeats: int) -> float:
-    x, w = torch.randn(m, k), torch.randn(n, k)
+    # a parameter (requires grad), so autocast casts it to bf16 once per region, as for a model's weights
+    x, w = torch.randn(m, k), torch.randn(n, k, requires_grad=True)
 
+    @torch.no_grad()
     def run():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for _ in range(5):
