@@ -54,6 +54,11 @@ class Precision:
     def compute_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16_autocast else self.param_dtype
 
+    @property
+    def bf16_compute(self) -> bool:
+        """Forward passes round in bf16, so a sampling pass and a training forward give different log-probs."""
+        return self.compute_dtype == torch.bfloat16
+
     def autocast(self):
         """Context for forward passes (sampling, reference, critic, training): bf16 matmuls, or nothing."""
         if not self.bf16_autocast:

@@ -100,7 +100,8 @@ def _evaluate_trainer(trainer, probes, **kwargs) -> tuple[dict, list[dict]]:
         reference, context = trainer.policy, trainer.policy.disable_adapter
     with trainer.precision.autocast():
         return evaluate(trainer.policy, reference, trainer.tokenizer, probes, prompt_format=trainer.prompt_format,
-                        system_prompt=c.model.system_prompt, reference_context=context, seed=c.train.seed, **kwargs)
+                        system_prompt=c.model.system_prompt, reference_context=context, seed=c.train.seed,
+                        logprobs_from_forward=trainer.recomputes_old_logprobs, **kwargs)
 
 
 def _probe_hook(probes, config: Config):

@@ -187,7 +187,7 @@ class PPOTrainer:
         packed) round differently, so the first ratio is not 1; old log-probs from a training-style forward
         make it 1 again (as OpenRLHF and veRL do), for one more policy forward (docs/ppo.md, detail 6)."""
         mode = self.config.ppo.recompute_old_logprobs
-        return mode == "always" or (mode == "auto" and self.precision.compute_dtype == torch.bfloat16)
+        return mode == "always" or (mode == "auto" and self.precision.bf16_compute)
 
     def _recompute_old_logprobs(self, gen) -> None:
         c = self.config
