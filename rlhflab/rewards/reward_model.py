@@ -321,7 +321,6 @@ def train_reward_model(
     from rlhflab.data.prompts import resolve_prompt_format
     from rlhflab.models.forward import ValueHead
     from rlhflab.models.loading import add_lora, load_causal_lm, pick_device
-    from rlhflab.models.precision import resolve_precision
 
     console = Console(stderr=True, quiet=quiet)
     out_dir = Path(out_dir)
@@ -341,10 +340,11 @@ def train_reward_model(
 
     torch.manual_seed(seed)
     dev = pick_device(device)
-    precision = resolve_precision("auto", dev)  # fp32 master weights: AdamW steps below bf16's resolution
+    # fp32: bf16 weights would round AdamW's small steps away; the normalisation is checked to 1e-4 in fp32
+    dtype = torch.float32
     tokenizer = rm_tokenizer(base)
     fmt = resolve_prompt_format(tokenizer, prompt_format, base)
-    backbone = load_causal_lm(base, dev, precision.param_dtype)
+    backbone = load_causal_lm(base, dev, dtype)
     if lora:
         backbone = add_lora(backbone, lora_r, lora_alpha if lora_alpha is not None else 2 * lora_r, "all-linear")
     head = ValueHead(backbone.config.hidden_size, "linear").to(dev)  # zero-initialised
@@ -373,8 +373,7 @@ def train_reward_model(
             batch = [train_pairs[i] for i in order[start : start + batch_size]]
             chosen_texts, rejected_texts = texts(batch)
             enc = _encode(tokenizer, chosen_texts + rejected_texts, max_length, dev)
-            with precision.autocast():
-                scores = model(**enc)  # (2b,) chosen first, then rejected
+            scores = model(**enc)  # (2b,) chosen first, then rejected
             loss, accuracy = bradley_terry_loss(scores[: len(batch)], scores[len(batch) :], margin)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -391,8 +390,7 @@ def train_reward_model(
     def evaluate(rows: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
         chosen_texts, rejected_texts = texts(rows)
         n = len(rows)
-        with precision.autocast():
-            scores = score_texts(model, tokenizer, chosen_texts + rejected_texts, 2 * batch_size, max_length)
+        scores = score_texts(model, tokenizer, chosen_texts + rejected_texts, 2 * batch_size, max_length)
         return scores[:n], scores[n:]
 
     train_scores, heldout_scores = evaluate(train_pairs), evaluate(heldout_pairs)
@@ -406,8 +404,7 @@ def train_reward_model(
     else:
         calib_texts = [t for pair in zip(*texts(train_pairs)) for t in pair]
         calibration_source = "training answers"
-    with precision.autocast():  # the precision RewardModel scores in, so the normalisation holds there
-        raw = score_texts(model, tokenizer, calib_texts, 2 * batch_size, max_length).double()
+    raw = score_texts(model, tokenizer, calib_texts, 2 * batch_size, max_length).double()
     mean, std = float(raw.mean()), float(raw.std(unbiased=False))
     gain = 1.0 / std if std > 1e-8 else 1.0
     bias = -mean * gain
@@ -542,7 +539,6 @@ class RewardModel:
         from safetensors.torch import load_file
 
         from rlhflab.models.loading import load_causal_lm, pick_device
-        from rlhflab.models.precision import resolve_precision
 
         self.dir = Path(rm_dir)
         info_path = self.dir / INFO_FILE
@@ -554,8 +550,7 @@ class RewardModel:
         self.max_length = int(self.info["max_length"])
         self.prompt_format = self.info["prompt_format"]
         dev = pick_device(device)
-        self.precision = resolve_precision("auto", dev)
-        dtype = self.precision.param_dtype
+        dtype = torch.float32  # the precision its normalisation was computed in
         self.tokenizer = rm_tokenizer(str(self.dir))
         if self.info["format"] == FORMAT_SEQ_CLS:
             from transformers import AutoModelForSequenceClassification
@@ -588,7 +583,7 @@ class RewardModel:
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None
                  ) -> list[float]:
-        with torch.inference_mode(), self.precision.autocast():
+        with torch.inference_mode():
             scores = score_texts(self.model, self.tokenizer, self.texts(prompts, completions), self.batch_size,
                                  self.max_length)
         return scores.tolist()
