@@ -52,8 +52,8 @@ class ModelConfig(Section):
     """Value head: one zero-initialised linear layer, or Linear→tanh→Linear (last layer zero-initialised)."""
     critic_init: str | None = None
     """Reward model dir (`rlhflab rm train`) whose trunk and head start the separate critic (None: zero head)."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Parameter dtype: auto = float32 on CPU (no fast bf16 there), bfloat16 on GPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "bf16-autocast"] = "auto"
+    """`bf16-autocast` (fp32 weights, bf16 matmuls), `float32`, `bfloat16` (pure bf16 weights); auto = bf16-autocast on CUDA and bf16-capable CPUs, else float32."""
     device: str = "auto"
     """`auto`, `cpu`, `cuda`, `cuda:1`, `mps`."""
 
@@ -153,6 +153,8 @@ class PPOConfig(Section):
     """Skip a minibatch whose mean policy ratio exceeds this (the old TRL guardrail)."""
     critic_warmup_iterations: int = Field(0, ge=0)
     """Iterations at the start during which only the critic steps (policy weights and LR schedule frozen)."""
+    recompute_old_logprobs: Literal["auto", "always", "never"] = "auto"
+    """Old log-probs from a training-style forward instead of the sampling pass; auto = when computing in bf16."""
 
     @property
     def optimized_kl_estimator(self) -> str:

@@ -15,11 +15,12 @@ def prompt_file(tmp_path):
 
 @pytest.fixture
 def tiny_config(prompt_file):
-    """A config for the tiny random model: a PPO iteration takes a fraction of a second."""
+    """A config for the tiny random model: a PPO iteration takes a fraction of a second. float32, whatever the
+    CPU: tests compare numbers exactly; tests/test_precision.py covers bf16 autocast."""
     from rlhflab.config import Config
 
     return Config.model_validate({
-        "model": {"name": "tiny", "prompt_format": "chat"},
+        "model": {"name": "tiny", "prompt_format": "chat", "dtype": "float32"},
         "data": {"prompts": str(prompt_file)},
         "rollout": {"prompts_per_iteration": 4, "samples_per_prompt": 2, "max_new_tokens": 8},
         "reward": {"spec": "regex:[aeiou]"},

@@ -212,7 +212,8 @@ def test_critic_starts_as_the_reward_model(toy_rm, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Review 1:\nReview 2:\n")
     config = Config.model_validate({
-        "model": {"name": "tiny", "prompt_format": "plain", "critic_init": str(root / "rm")},
+        # fp32 like the RM: under bf16 autocast the critic's values would match it only to ~1e-2
+        "model": {"name": "tiny", "prompt_format": "plain", "critic_init": str(root / "rm"), "dtype": "float32"},
         "data": {"prompts": str(prompts)}, "rollout": {"prompts_per_iteration": 2, "max_new_tokens": 4},
         "ppo": {"minibatch_size": 2}, "reward": {"spec": "length"}, "eval": {"report": False},
     })

@@ -95,10 +95,11 @@ def test_rm_train_bad_keys_are_one_line_errors(tmp_path):
 def test_load_for_sampling_gives_an_eval_model_and_a_left_padding_tokenizer():
     from rlhflab.models.loading import load_for_sampling
 
-    model, tokenizer, device, fmt = load_for_sampling("tiny", "cpu", "float32")
+    model, tokenizer, device, fmt, precision = load_for_sampling("tiny", "cpu", "float32")
     assert not model.training and next(model.parameters()).dtype == torch.float32
     assert tokenizer.padding_side == "left" and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert device == torch.device("cpu") and fmt == "chat"  # tiny has a chat template
+    assert precision.name == "fp32" and not precision.bf16_compute
     assert load_for_sampling("tiny", prompt_format="plain").prompt_format == "plain"
 
 

@@ -68,10 +68,11 @@ def sample(
     from rlhflab.ppo.rollout import generate
 
     items = load_prompts(prompts)
-    lm, tok, _, fmt = load_for_sampling(model, prompt_format=prompt_format)
+    lm, tok, _, fmt, precision = load_for_sampling(model, prompt_format=prompt_format)
     texts = [render_prompt(p, tok, fmt) for p in items for _ in range(n)]
-    gen = generate(lm, tok, texts, max_new_tokens, max(temperature, 1e-5), do_sample=temperature > 0,
-                   with_logprobs=False, batch_size=16)
+    with precision.autocast():
+        gen = generate(lm, tok, texts, max_new_tokens, max(temperature, 1e-5), do_sample=temperature > 0,
+                       with_logprobs=False, batch_size=16)
     for i, answer in enumerate(gen.texts):
         print(json.dumps({"prompt": items[i // n].display, "completion": answer}))
 
@@ -88,7 +89,7 @@ def chat(
     from rlhflab.models.loading import load_for_sampling
     from rlhflab.ppo.rollout import generate
 
-    lm, tok, _, fmt = load_for_sampling(model)
+    lm, tok, _, fmt, precision = load_for_sampling(model)
     if fmt != "chat":
         raise UserError(f"'{model}' has no chat template; use `rlhflab sample` with plain prompts instead")
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -101,8 +102,9 @@ def chat(
             break
         messages.append({"role": "user", "content": line})
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        gen = generate(lm, tok, [text], max_new_tokens, max(temperature, 1e-5), do_sample=temperature > 0,
-                       with_logprobs=False)
+        with precision.autocast():
+            gen = generate(lm, tok, [text], max_new_tokens, max(temperature, 1e-5), do_sample=temperature > 0,
+                           with_logprobs=False)
         print(f"model> {gen.texts[0]}")
         messages.append({"role": "assistant", "content": gen.texts[0]})
 

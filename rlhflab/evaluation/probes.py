@@ -162,6 +162,7 @@ def evaluate(
     greedy: bool = True,
     seed: int = 0,
     sides: tuple[str, ...] = SIDES,
+    logprobs_from_forward: bool = False,
 ) -> tuple[dict, list[dict]]:
     """Measure each probe group on each side; return (result, greedy answer rows).
 
@@ -170,7 +171,9 @@ def evaluate(
     forward and generation. Each side samples from the same seed, so a model evaluated against itself gives
     the same numbers on both sides, and the caller's RNG state is left untouched. `sides=("policy",)` skips
     the reference's own samples (its log-probs are still used for the policy's KL); `greedy=False` skips the
-    greedy answers (rows = []).
+    greedy answers (rows = []). `logprobs_from_forward` takes each side's log-probs from a forward pass
+    rather than its sampling pass: set it when computing in bf16, where the two round differently and a model
+    would otherwise show a KL to itself (docs/ppo.md, Precision).
 
     result: {"behavior": spec, "samples_per_prompt", "temperature", "max_new_tokens",
              "groups": {NAME: {SIDE: {metric: value}}}, "elapsed_s"}
@@ -199,12 +202,16 @@ def evaluate(
                            batch_size=GENERATION_BATCH)
         rewards = reward(shown, gen.texts, [{} for _ in texts])
         # the side's own log-probs come from its sampling pass; the reference's own answers need no second model
-        ref_logprobs = gen.logprobs
+        logprobs = gen.logprobs
+        if logprobs_from_forward:
+            with context():
+                logprobs, _ = forward_answers(gen, model, probes.temperature, FORWARD_BATCH)
+        ref_logprobs = logprobs
         if side != "reference":
             with reference_context():
                 ref_logprobs, _ = forward_answers(gen, reference, probes.temperature, FORWARD_BATCH)
         for group, rows in rows_of.items():
-            groups[group][side] = _side_metrics(gen, rows, rewards, gen.logprobs, gen.entropy, ref_logprobs)
+            groups[group][side] = _side_metrics(gen, rows, rewards, logprobs, gen.entropy, ref_logprobs)
 
     answers: list[dict] = []
     if greedy:
@@ -324,8 +331,10 @@ def run_eval(model: str, probes_path: str | Path | Probes, out_dir: str | Path, 
                         "the KL between them is undefined. Compare models that share a vocabulary")
     policy = load_for_sampling(spec["policy"], spec["device"], spec["dtype"], spec["prompt_format"])
     ref = policy if same else load_for_sampling(spec["reference"], policy.device, spec["dtype"])
-    result, answers = evaluate(policy.model, ref.model, policy.tokenizer, probes, prompt_format=policy.prompt_format,
-                               system_prompt=spec["system_prompt"], seed=seed)
+    with policy.precision.autocast():
+        result, answers = evaluate(policy.model, ref.model, policy.tokenizer, probes,
+                                   prompt_format=policy.prompt_format, system_prompt=spec["system_prompt"], seed=seed,
+                                   logprobs_from_forward=policy.precision.bf16_compute)
     result = {"policy": spec["policy"], "reference": spec["reference"], **result}
     write_eval(out_dir, result, answers)
     return result

@@ -47,7 +47,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.net(hidden.float()).squeeze(-1)  # (B, T)
+        # fp32 even under bf16 autocast: values feed GAE and the value loss, where bf16's 3 digits would show
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.net(hidden.float()).squeeze(-1)  # (B, T)
 
 
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rlhflab.errors import UserError
+from rlhflab.models.precision import Precision, resolve_precision
 from rlhflab.files import atomic_dir
 
 
@@ -65,13 +66,6 @@ def keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     mallopt(M_MMAP_MAX, 0)
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value mallopt takes (an int)
-
-
-def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
-    # CPUs without native bf16 run bf16 matmuls hundreds of times slower than fp32.
-    if spec == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,11 +246,12 @@ class SamplingModel(NamedTuple):
     tokenizer: object  # pad ≠ EOS, left padding
     device: torch.device
     prompt_format: str  # "chat" or "plain", resolved against the tokenizer's chat template
+    precision: Precision  # sample under `precision.autocast()`
 
 
 def load_for_sampling(spec: str, device: str | torch.device = "auto", dtype: str = "auto",
                       prompt_format: str = "auto") -> SamplingModel:
-    """Model spec → model and tokenizer for sampling, on `device` at `dtype` (`auto`: pick_dtype's choice).
+    """Model spec → model and tokenizer for sampling, on `device` at precision `dtype` (a `model.dtype` value).
 
     The tokenizer and the prompt format are checked before the weights load, so a model without a chat
     template fails fast when `prompt_format` is `chat`.
@@ -266,8 +261,9 @@ def load_for_sampling(spec: str, device: str | torch.device = "auto", dtype: str
     dev = pick_device(device)
     tokenizer = load_tokenizer(spec)
     fmt = resolve_prompt_format(tokenizer, prompt_format, spec)
-    model = load_causal_lm(spec, dev, pick_dtype(dtype, dev)).eval()
-    return SamplingModel(model, tokenizer, dev, fmt)
+    precision = resolve_precision(dtype, dev)
+    model = load_causal_lm(spec, dev, precision.param_dtype).eval()
+    return SamplingModel(model, tokenizer, dev, fmt, precision)
 
 
 def add_lora(model: nn.Module, r: int, alpha: float, target_modules, adapter_name: str = "default"):

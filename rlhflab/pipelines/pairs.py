@@ -68,7 +68,7 @@ def generate_pairs(
     dev = pick_device(device)
     opened = nullcontext(db) if isinstance(db, PreferenceStore) else PreferenceStore(db)
     with opened as store, seeded(seed, dev):  # repeatable draws; the caller's RNG state is left as it was
-        lm, tokenizer, _, fmt = load_for_sampling(model, dev, prompt_format=prompt_format)
+        lm, tokenizer, _, fmt, precision = load_for_sampling(model, dev, prompt_format=prompt_format)
         rendered = [render_prompt(p, tokenizer, fmt, system_prompt) for p in items]
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens,
                     "prompt_format": fmt}
@@ -81,8 +81,9 @@ def generate_pairs(
             cursor += k
             draws += k
             texts = [rendered[i] for i in idx for _ in range(2)]
-            gen = generate(lm, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, do_sample=True,
-                           with_logprobs=False)
+            with precision.autocast():
+                gen = generate(lm, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, do_sample=True,
+                               with_logprobs=False)
             for j, i in enumerate(idx):
                 a, b = gen.texts[2 * j], gen.texts[2 * j + 1]
                 if a == b:

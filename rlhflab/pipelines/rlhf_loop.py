@@ -237,9 +237,9 @@ def judge_score(model: str, prompts_file: str | Path, scorer, *, samples_per_pro
     from rlhflab.runs.seeding import seeded
 
     items = load_prompts(prompts_file)
-    lm, tokenizer, dev, fmt = load_for_sampling(model, device, prompt_format=prompt_format)
+    lm, tokenizer, dev, fmt, precision = load_for_sampling(model, device, prompt_format=prompt_format)
     texts = [render_prompt(p, tokenizer, fmt, system_prompt) for p in items for _ in range(samples_per_prompt)]
-    with seeded(seed, dev):
+    with seeded(seed, dev), precision.autocast():
         gen = generate(lm, tokenizer, texts, max_new_tokens, temperature, top_k, top_p, with_logprobs=False,
                        batch_size=16)
     shown = [p.display for p in items for _ in range(samples_per_prompt)]

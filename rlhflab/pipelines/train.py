@@ -48,6 +48,7 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     if resume:
         trainer.resume()
         console.print(f"resumed {run_dir} at iteration {trainer.iteration}")
+    console.print(trainer.precision.log_line)
     save_config(config, run_dir / "config.yaml")
     c = config
     tracker = Tracker(run_dir, c.log.trackers, c.log.project, c.log.run_name or run_dir.name, c.model_dump(mode="json"))
@@ -107,8 +108,10 @@ def _evaluate_trainer(trainer, probes, **kwargs) -> tuple[dict, list[dict]]:
         reference, context = trainer.ref_model, nullcontext
     else:
         reference, context = trainer.policy, trainer.policy.disable_adapter
-    return evaluate(trainer.policy, reference, trainer.tokenizer, probes, prompt_format=trainer.prompt_format,
-                    system_prompt=c.model.system_prompt, reference_context=context, seed=c.train.seed, **kwargs)
+    with trainer.precision.autocast():
+        return evaluate(trainer.policy, reference, trainer.tokenizer, probes, prompt_format=trainer.prompt_format,
+                        system_prompt=c.model.system_prompt, reference_context=context, seed=c.train.seed,
+                        logprobs_from_forward=trainer.recomputes_old_logprobs, **kwargs)
 
 
 def _probe_hook(probes, config: Config):

@@ -32,8 +32,8 @@ from rlhflab.models.loading import (
     load_causal_lm,
     load_tokenizer,
     pick_device,
-    pick_dtype,
 )
+from rlhflab.models.precision import resolve_precision
 from rlhflab.ppo.advantages import (
     apply_missing_eos_penalty,
     gae,
@@ -72,7 +72,8 @@ class PPOTrainer:
         # caller's to seed (runs.seeding.seed_everything) before building the trainer
         self.seed = c.train.seed + rank
         self.device = pick_device(c.model.device)
-        self.dtype = pick_dtype(c.model.dtype, self.device)
+        self.precision = resolve_precision(c.model.dtype, self.device)
+        self.dtype = self.precision.param_dtype
 
         # reward first: a broken spec should fail before minutes of model loading
         from rlhflab.rewards.specs import build_reward
@@ -158,9 +159,27 @@ class PPOTrainer:
         """Reference log-probs and the critic's values, in rollout-sized batches with padding trimmed."""
         c = self.config
         step, temperature = c.rollout.generation_batch_size, c.rollout.temperature
-        with self._reference_context():
+        with self._reference_context(), self.precision.autocast():
             ref_logprobs, _ = forward_answers(gen, self.ref_model or self.policy, temperature, step)
-        return ref_logprobs, self.critic.rollout_values(gen, temperature, step)
+        with self.precision.autocast():
+            return ref_logprobs, self.critic.rollout_values(gen, temperature, step)
+
+    @property
+    def recomputes_old_logprobs(self) -> bool:
+        """In bf16 the sampling pass (KV cache, one token a step) and the training forward (whole sequences,
+        packed) round differently, so the first ratio is not 1; old log-probs from a training-style forward
+        make it 1 again (as OpenRLHF and veRL do), for one more policy forward (docs/ppo.md, detail 6)."""
+        mode = self.config.ppo.recompute_old_logprobs
+        return mode == "always" or (mode == "auto" and self.precision.bf16_compute)
+
+    def _recompute_old_logprobs(self, gen) -> None:
+        c = self.config
+        shared_head = self.critic.policy_head
+        with self.precision.autocast():
+            gen.logprobs, values = forward_answers(gen, self.policy, c.rollout.temperature,
+                                                   c.rollout.generation_batch_size, shared_head)
+        if shared_head is not None:
+            gen.values = values
 
     def _normalize_scores(self, scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         r = self.config.reward
@@ -178,9 +197,10 @@ class PPOTrainer:
         idx = [i for i in self.sampler.draw(c.rollout.prompts_per_iteration) for _ in range(c.rollout.samples_per_prompt)]
         t0 = time.perf_counter()
         # 1. rollout
-        gen = generate(self.policy, self.tokenizer, [self.prompt_texts[i] for i in idx], c.rollout.max_new_tokens,
-                       c.rollout.temperature, c.rollout.top_k, c.rollout.top_p,
-                       batch_size=c.rollout.generation_batch_size, value_head=self.critic.policy_head)
+        with self.precision.autocast():
+            gen = generate(self.policy, self.tokenizer, [self.prompt_texts[i] for i in idx], c.rollout.max_new_tokens,
+                           c.rollout.temperature, c.rollout.top_k, c.rollout.top_p,
+                           batch_size=c.rollout.generation_batch_size, value_head=self.critic.policy_head)
         t1 = time.perf_counter()
         # 2. score
         prompts = [self.prompts[i].display for i in idx]
@@ -189,7 +209,9 @@ class PPOTrainer:
         raw = torch.tensor(total, dtype=torch.float32, device=self.device)
         scores = self._normalize_scores(raw, gen.has_eos.to(self.device))
         t2 = time.perf_counter()
-        # 3. reference log-probs, values, per-token KL
+        # 3. reference log-probs, values, per-token KL (old log-probs too, when recomputed)
+        if self.recomputes_old_logprobs:
+            self._recompute_old_logprobs(gen)
         ref_logprobs, values = self._score_forwards(gen)
         mask = gen.response_mask
         kl = kl_estimators(gen.logprobs, ref_logprobs)
@@ -230,8 +252,9 @@ class PPOTrainer:
         i, a, t = gen.trimmed(rows)
         mask = gen.response_mask[rows, :t]  # (b, T')
         w = loss_weights(mask, c.ppo.loss_normalization, denominator)  # (b, T')
-        out = forward_response(self.policy, i, a, t, c.rollout.temperature, self.critic.policy_head,
-                               with_entropy=c.ppo.entropy_coef > 0)
+        with self.precision.autocast():
+            out = forward_response(self.policy, i, a, t, c.rollout.temperature, self.critic.policy_head,
+                                   with_entropy=c.ppo.entropy_coef > 0)
         terms, stats = {}, {}
         terms["policy"], pg = policy_loss(out.logprobs, gen.logprobs[rows, :t], ro.advantages[rows, :t], mask,
                                           c.ppo.clip_range, c.ppo.dual_clip, w)
@@ -241,7 +264,8 @@ class PPOTrainer:
             terms["kl"] = masked_sum(kl, w)
         if out.entropy is not None:
             terms["entropy"] = masked_sum(out.entropy, w)
-        values = self.critic.update_values(out, i, a, t, c.rollout.temperature)
+        with self.precision.autocast():
+            values = self.critic.update_values(out, i, a, t, c.rollout.temperature)
         if values is not None:
             terms["value"], stats["value/clipfrac"] = value_loss(
                 values, ro.values[rows, :t], ro.returns[rows, :t], mask, c.ppo.clip_range_value, c.ppo.value_loss, w)
@@ -304,6 +328,8 @@ class PPOTrainer:
             if not check_before_step and target is not None and np.mean(epoch_kl) > target:
                 stopped = True  # early stop of the remaining epochs
         out = {k: (max(v) if k == "policy/ratio_max" else float(np.mean(v))) for k, v in stats.items()}
+        # before any step of this iteration the policy is the one that sampled: 1 up to rounding (docs/ppo.md)
+        out["policy/ratio_first_minibatch"] = stats["policy/ratio_mean"][0]
         out["policy/epochs"] = float(epochs)
         out["policy/optimizer_steps"] = float(steps if train_policy else 0)
         out["policy/skipped_minibatches"] = float(np.sum(stats.get("policy/skipped_minibatches", [0.0])))

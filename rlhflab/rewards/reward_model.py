@@ -310,7 +310,7 @@ def train_reward_model(
 
     from rlhflab.data.prompts import resolve_prompt_format
     from rlhflab.models.forward import ValueHead
-    from rlhflab.models.loading import EMBEDDED, add_lora, load_causal_lm, pick_device, pick_dtype
+    from rlhflab.models.loading import EMBEDDED, add_lora, load_causal_lm, pick_device
     from rlhflab.runs.seeding import seeded
 
     c = config or RewardModelConfig()
@@ -328,6 +328,8 @@ def train_reward_model(
     started = time.perf_counter()
 
     dev = pick_device(device)
+    # fp32: bf16 weights would round AdamW's small steps away; the normalisation is checked to 1e-4 in fp32
+    dtype = torch.float32
     tokenizer = rm_tokenizer(base)
     fmt = resolve_prompt_format(tokenizer, prompt_format, base)
 
@@ -339,7 +341,7 @@ def train_reward_model(
                   f"{'LoRA r=' + str(c.lora_r) if c.lora else 'full fine-tuning'}, {c.epochs} epochs, lr {lr:g}")
     history = []
     with seeded(seed, dev):
-        backbone = load_causal_lm(base, dev, pick_dtype("auto", dev))
+        backbone = load_causal_lm(base, dev, dtype)
         if c.lora:
             backbone = add_lora(backbone, c.lora_r, c.lora_alpha or 2 * c.lora_r, "all-linear")
         head = ValueHead(backbone.config.hidden_size, "linear").to(dev)  # zero-initialised
@@ -521,7 +523,7 @@ class RewardModel:
     def __init__(self, rm_dir: str | Path, device: str = "auto", batch_size: int = 16):
         from safetensors.torch import load_file
 
-        from rlhflab.models.loading import load_causal_lm, pick_device, pick_dtype
+        from rlhflab.models.loading import load_causal_lm, pick_device
 
         self.dir = Path(rm_dir)
         info_path = self.dir / INFO_FILE
@@ -533,7 +535,7 @@ class RewardModel:
         self.max_length = int(self.info["max_length"])
         self.prompt_format = self.info["prompt_format"]
         dev = pick_device(device)
-        dtype = pick_dtype("auto", dev)
+        dtype = torch.float32  # the precision its normalisation was computed in
         self.tokenizer = rm_tokenizer(str(self.dir))
         if self.info["format"] == FORMAT_SEQ_CLS:
             from transformers import AutoModelForSequenceClassification
