@@ -74,6 +74,19 @@ def load_config(model_dir: Path):
     return config
 
 
+def peak_rss_gib() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: when this script is launched by bench/sky_red_speed.py,
+    Linux carries the parent's high-water mark over fork + exec into ru_maxrss (it read 4.09 GiB, the
+    parent's figure, instead of TRL's own)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True)
@@ -133,7 +146,7 @@ def main() -> None:
               f"step (forwards + update) {row['step']:.2f} s  total {row['total']:.2f} s  "
               f"answer length {length:.1f}  reward mean {statistics.mean(float(s) for s in scores):.2f}  "
               f"kl {float(stats['objective/kl']):.3f}", flush=True)
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_gib = peak_rss_gib()
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(f"median: generate {med['generate']:.2f} s, reward {med['reward']:.3f} s, step {med['step']:.2f} s, "
           f"peak RSS {peak_gib:.2f} GiB")
