@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlhflab.errors import UserError
+from rlhflab.files import write_atomic
 
 
 class Section(BaseModel):
@@ -443,4 +444,4 @@ def _reward_spec_paths(spec: str, base: Path) -> str:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -7,8 +7,17 @@ class UserError(Exception):
     """Bad input from the user (file, key, line, spec). The message names it and says how to fix it."""
 
 
+class Stopped(Exception):
+    """A job stopped on request (SIGTERM, Ctrl-C) after saving its work; the message says how to continue."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def user_errors(command):
-    """CLI decorator: a UserError becomes `error: ...` in red on stderr and exit code 2, not a traceback."""
+    """CLI decorator: a UserError becomes `error: ...` in red on stderr and exit code 2, not a traceback; a
+    Stopped job prints its one line and exits with its signal's code (130 / 143); so does a second Ctrl-C."""
     import typer
 
     @functools.wraps(command)
@@ -18,5 +27,11 @@ def user_errors(command):
         except UserError as e:
             typer.secho(f"error: {e}", fg="red", err=True)
             raise typer.Exit(2) from None
+        except Stopped as e:
+            typer.secho(str(e), fg="yellow", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.secho("aborted", fg="red", err=True)
+            raise typer.Exit(130) from None
 
     return wrapper

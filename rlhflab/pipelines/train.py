@@ -8,8 +8,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from rlhflab.config import Config, config_from_dict, read_yaml, save_config
-from rlhflab.errors import UserError
+from rlhflab.errors import Stopped, UserError
 from rlhflab.evaluation.probes import eval_metrics, evaluate, format_table, load_probes, write_eval
+from rlhflab.runs.checkpoint import latest_checkpoint, remove_partial_checkpoints
+from rlhflab.runs.stopping import StopRequests
+from rlhflab.runs.tracking import truncate_jsonl
 
 
 def _progress():
@@ -35,21 +38,24 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     from rlhflab.runs.tracking import Tracker
 
     run_dir = Path(out)
-    if not resume and (run_dir / "metrics.jsonl").exists():
-        raise UserError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
     console = Console(stderr=True, quiet=quiet)
     started = time.perf_counter()
+    checkpoint = _start_run_dir(run_dir, resume, console)
     probes = _load_probes(config)  # a bad probe file fails before minutes of model loading
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")  # first, so --resume works from the earliest kill
     keep_freed_memory()  # large gradient and logit buffers stay in the heap between steps (9 % per iteration)
     seed_everything(config.train.seed)  # model init, sampling and shuffling; a resume restores the saved state
     trainer = PPOTrainer(config, run_dir, reward=reward)
     monitor = HealthMonitor()
     trainer.checkpoint_extras["health"] = monitor  # a resumed run keeps its alarm baselines and streaks
-    if resume:
+    if checkpoint is not None:
         trainer.resume()
         console.print(f"resumed {run_dir} at iteration {trainer.iteration}")
+    else:  # a fresh run, or one stopped before its first checkpoint: logs start again at iteration 0
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_jsonl(run_dir / name, 0)
     console.print(trainer.precision.log_line)
-    save_config(config, run_dir / "config.yaml")
     c = config
     tracker = Tracker(run_dir, c.log.trackers, c.log.project, c.log.run_name or run_dir.name, c.model_dump(mode="json"))
     console.print(f"model loaded in {time.perf_counter() - started:.0f} s; training {c.train.iterations} iterations "
@@ -60,17 +66,21 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
         for note in monitor.update(row):
             console.print(f"[yellow]warning[/]: {note.message} — likely cause: {note.cause}; fix: {note.fix}")
 
+    stop = StopRequests("the current iteration")
     try:
-        with _progress() if not quiet else _NoProgress() as progress:
+        with stop, _progress() if not quiet else _NoProgress() as progress:
             task = progress.add_task("train", total=c.train.iterations, completed=trainer.iteration, status="")
-            while trainer.iteration < c.train.iterations:
+            while trainer.iteration < c.train.iterations and not stop.requested:
                 m = trainer.iteration_step(tracker, extra_metrics=probe_hook, on_row=warn)
                 progress.update(task, advance=1, status=(
                     f"reward {m['objective/scores']:.3f}  KL {m['objective/kl']:.2f}  {m['time/iteration']:.1f} s/it"))
         if c.train.checkpoint_every == 0 or trainer.iteration % c.train.checkpoint_every:
-            trainer.save()
+            trainer.save()  # the last iteration reached, also when stopped by a signal
     finally:
         tracker.close()
+    if stop.requested:
+        raise Stopped(f"stopped by {stop.signal.name} at iteration {trainer.iteration} of {c.train.iterations}; "
+                      f"checkpoint saved: continue with `rlhflab train --resume {run_dir}`", stop.exit_code)
     table = None
     if probes is not None:
         # before save_final: merging LoRA removes the adapter-disabled reference this evaluation compares with
@@ -90,6 +100,24 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
         console.print(table, markup=False, highlight=False, soft_wrap=True)
     console.print(f"done in {time.perf_counter() - started:.0f} s → {run_dir}")
     return trainer
+
+
+def _start_run_dir(run_dir: Path, resume: bool, console):
+    """Check `--out` / `--resume` against what the folder holds. -> the checkpoint to resume from, or None when
+    the run starts at iteration 0 (a new folder, or a run stopped before its first checkpoint)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; pick a folder name for the run")
+    checkpoint = latest_checkpoint(run_dir)
+    removed = remove_partial_checkpoints(run_dir)
+    if removed:
+        console.print(f"removed {removed} half-written checkpoint(s) a stopped process left in {run_dir / 'checkpoints'}")
+    if checkpoint is not None and not resume:
+        raise UserError(f"{run_dir} already holds a run (checkpoint {checkpoint.name}); continue it with "
+                        f"`rlhflab train --resume {run_dir}`, or pick another --out")
+    if checkpoint is None and (resume or (run_dir / "metrics.jsonl").exists()):
+        how = "--resume" if resume else "the train command"
+        console.print(f"{run_dir} stopped before its first checkpoint: {how} starts it again from iteration 0")
+    return checkpoint
 
 
 def _load_probes(config: Config):
@@ -149,5 +177,6 @@ def load_run_config(run_dir: Path) -> Config:
     if not run_dir.is_dir():
         raise UserError(f"run directory '{run_dir}' not found; pass the --out folder of an earlier run")
     if not path.is_file():
-        raise UserError(f"{path} is missing; '{run_dir}' is not a run directory written by rlhflab train")
+        raise UserError(f"{path} is missing: '{run_dir}' is not a run of rlhflab train, or it stopped before it began; "
+                        f"start it with `rlhflab train RECIPE --out {run_dir}`")
     return config_from_dict(read_yaml(path, "run config"), str(path))

@@ -112,10 +112,18 @@ def save_checkpoint(run_dir: Path, iteration: int, tensors: dict[str, dict], sta
     shutil.rmtree(final, ignore_errors=True)  # the same iteration saved again (a resumed run's last save)
     atomic_dir(final, build)
     write_atomic(root / "latest", name)
-    # older checkpoints beyond `keep`, and half-built ones a killed process left under a temporary name
-    for old in [*sorted(p for p in root.glob("iter_*") if p.is_dir())[:-keep], *root.glob(".iter_*.tmp")]:
+    for old in sorted(p for p in root.glob("iter_*") if p.is_dir())[:-keep]:  # beyond `keep`
         shutil.rmtree(old, ignore_errors=True)
+    remove_partial_checkpoints(run_dir)
     return final
+
+
+def remove_partial_checkpoints(run_dir: Path) -> int:
+    """Delete half-built checkpoints a killed process left under their temporary name. -> how many."""
+    partial = list((run_dir / "checkpoints").glob(".iter_*.tmp"))
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(partial)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

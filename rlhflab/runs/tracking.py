@@ -40,7 +40,17 @@ def truncate_jsonl(path: Path, after_iteration: int) -> None:
     """Drop rows logged after a checkpoint, so a resumed run does not log an iteration twice."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= after_iteration]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break  # cut off by a kill mid-write: that iteration was never checkpointed
+            raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line") from err
+        if row["iteration"] <= after_iteration:
+            keep.append(line)
     write_atomic(path, "".join(line + "\n" for line in keep))  # a crash here must not lose the log
 
 

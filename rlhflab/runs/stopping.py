@@ -1,0 +1,48 @@
+"""Stopping a run without losing work: SIGTERM (what a scheduler or `docker stop` sends) and Ctrl-C ask the
+loop to stop after the step it is in; the job then checkpoints and exits 143 / 130. A second Ctrl-C (or
+SIGTERM) aborts at once, as in Lightning."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, what shells report
+
+
+class StopRequests:
+    """Context manager: while inside, the first SIGINT/SIGTERM sets `signal` instead of killing the process;
+    the loop polls `requested` between steps. Outside the main thread (where Python cannot install handlers)
+    it changes nothing."""
+
+    def __init__(self, what: str = "the current iteration"):
+        self.what = what
+        self.signal: signal.Signals | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.signal]
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # the second one: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+        print(f"\n{self.signal.name}: finishing {self.what}, then saving a checkpoint "
+              "(press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in EXIT_CODES:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
