@@ -1,7 +1,7 @@
 """Seconds per PPO iteration on the embedded model at the settings of TRL 0.10.1's anchor run.
 
-TRL's PPOTrainer on this task and a 2-core box: 51 s per iteration (5 s generation, 46 s forwards and
-update), 3.8 GiB peak RSS. Settings: 16 prompts × 1 sample, 32 new tokens, temperature 1.0, full
+TRL's PPOTrainer on this task, measured with `--with-trl` on a quiet 2-core AMD EPYC (Zen 4) on 2026-12-01:
+62–65 s per iteration (13–16 s generation, 48–50 s forwards and update), 3.65 GiB peak RSS. Settings: 16 prompts × 1 sample, 32 new tokens, temperature 1.0, full
 fine-tuning, value head on the policy trunk, β 0.05, 4 PPO epochs, minibatch 4, lr 1.41e-5.
 
     python bench/sky_red_speed.py --iterations 5
@@ -16,7 +16,7 @@ Prints one line per iteration, then a summary; the last line is `s_per_iteration
 iterations — in its own venv (`bash bench/trl_anchor/setup.sh` creates bench/trl_anchor/.venv; TRL 0.10.1
 needs transformers 4.x), streams its lines prefixed `trl| `, and then prints the CPU (model name; whether
 it has amx_bf16 / avx512_bf16), both medians, and `ratio_vs_trl=<ours/TRL>`. Without the flag nothing
-about TRL runs and the quoted 51 s stands in for the anchor; the last line is `s_per_iteration=` either way.
+about TRL runs and the quoted 62 s stands in for the anchor; the last line is `s_per_iteration=` either way.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
               f"TRL 0.10.1 {trl_s:.2f} s/iteration (peak RSS {trl_rss:.2f} GiB)")
         print(f"ratio_vs_trl={med['time/iteration'] / trl_s:.2f}")
     else:
-        print(f"vs TRL 0.10.1 (51 s/iteration): {med['time/iteration'] / 51:.2f}x")
+        print(f"vs TRL 0.10.1 (62 s/iteration, measured 2026-12-01): {med['time/iteration'] / 62:.2f}x")
     print(f"s_per_iteration={med['time/iteration']:.2f}")
 
 
