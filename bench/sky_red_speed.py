@@ -35,6 +35,7 @@ import torch
 
 from rlhflab.config import load_config
 from rlhflab.models.loading import keep_freed_memory, quiet_transformers
+from rlhflab.models.precision import cpu_bf16_flags
 from rlhflab.ppo.trainer import PPOTrainer
 from rlhflab.runs.seeding import seed_everything
 from rlhflab.runs.tracking import Tracker
@@ -129,17 +130,13 @@ def run_trl(spec: str, iterations: int, threads: int | None) -> tuple[float, flo
 
 
 def cpu_info() -> tuple[str, set[str]]:
-    name, flags = "unknown", set()
+    """The CPU's model name and its native bf16 flags (the ones `model.dtype: auto` decides by)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "unknown":
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return name, flags
+        lines = []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    return name, cpu_bf16_flags()
 
 
 if __name__ == "__main__":
