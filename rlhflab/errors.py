@@ -8,11 +8,12 @@ class UserError(Exception):
 
 
 class Stopped(Exception):
-    """A job stopped on request (SIGTERM, Ctrl-C) after saving its work; the message says how to continue."""
+    """A job stopped on request (SIGTERM, Ctrl-C) after saving its work: `what` happened, `how` to continue.
+    A job that runs others (a sweep, the RLHF loop) re-raises with its own `how`."""
 
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, what: str, exit_code: int, how: str):
+        super().__init__(f"{what}; {how}")
+        self.what, self.exit_code, self.how = what, exit_code, how
 
 
 def user_errors(command):

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from rlhflab.errors import UserError
-from rlhflab.models.precision import Precision, resolve_precision
 from rlhflab.files import atomic_dir
+from rlhflab.models.precision import Precision, resolve_precision
 
 
 def quiet_transformers() -> None:

@@ -42,7 +42,9 @@ from rlhflab.config import (
     resolve_paths,
     validated,
 )
+from rlhflab.errors import Stopped
 from rlhflab.files import write_json_atomic
+from rlhflab.runs.stopping import StopRequests
 
 
 class LoopConfig(Section):
@@ -146,84 +148,103 @@ def run_loop(loop_yaml: str | Path, out_dir: str | Path, *, quiet: bool = False)
                            top_p=r0.top_p, seed=loop.seed, prompt_format=base_config.model.prompt_format,
                            system_prompt=base_config.model.system_prompt, device=loop.device)
 
-    for r in range(len(summary["rounds"]) + 1, loop.rounds + 1):
-        round_dir = out / f"round_{r}"
-        policy = base_config.model.name if r == 1 else str(out / f"round_{r - 1}" / "ppo" / "final")
-        console.print(f"[bold]round {r}/{loop.rounds}[/]: policy {policy}")
+    rerun = f"re-run `rlhflab rlhf {loop_yaml} --out {out_dir}` to continue (finished steps are kept)"
 
-        # 1. generate pairs from the current policy
-        with PreferenceStore(db) as store:
-            have = _pairs_from(store, policy)
-        if have < loop.pairs_per_round:
-            from rlhflab.pipelines.pairs import generate_pairs
+    def stop_if_asked(r: int, done: str) -> None:
+        if stop.requested:
+            raise Stopped(f"stopped by {stop.signal.name} in round {r} after {done}", stop.exit_code, rerun)
 
-            console.print(f"  sampling {loop.pairs_per_round - have} pairs on {prompts} → {db}")
-            counts = generate_pairs(policy, prompts, db, loop.pairs_per_round - have,
-                                    max_new_tokens=r0.max_new_tokens, temperature=r0.temperature, top_k=r0.top_k,
-                                    top_p=r0.top_p, seed=loop.seed + 1000 * r + have,
-                                    batch_size=r0.generation_batch_size or 16,
-                                    prompt_format=base_config.model.prompt_format,
-                                    system_prompt=base_config.model.system_prompt, device=loop.device)
-            if counts.stored < loop.pairs_per_round - have:
-                console.print(f"  [yellow]warning[/]: only {counts.stored} new pairs; the policy repeats itself")
+    with StopRequests("the current step of the loop", "stopping") as stop:
+        for r in range(len(summary["rounds"]) + 1, loop.rounds + 1):
+            round_dir = out / f"round_{r}"
+            policy = base_config.model.name if r == 1 else str(out / f"round_{r - 1}" / "ppo" / "final")
+            console.print(f"[bold]round {r}/{loop.rounds}[/]: policy {policy}")
 
-        # 2. label
-        with PreferenceStore(db) as store:
-            if judge is not None:
-                from rlhflab.preferences.judge import judge_pending
+            # 1. generate pairs from the current policy
+            with PreferenceStore(db) as store:
+                have = _pairs_from(store, policy)
+            if have < loop.pairs_per_round:
+                from rlhflab.pipelines.pairs import generate_pairs
 
-                labels = judge_pending(store, judge, f"judge:{loop.judge}", loop.judge_margin)
-                console.print(f"  judge {loop.judge}: {labels['a']} a, {labels['b']} b, {labels['tie']} tie")
-            else:
-                pending = sum(v.choice == "pending" for v in store.verdicts())
-                if pending:
-                    Console(stderr=True).print(  # shown even when quiet: it is what to do next
-                        f"{pending} pairs wait for a label: label with `rlhflab prefs label --db {db}`, "
-                        f"then re-run `rlhflab rlhf {loop_yaml} --out {out_dir}`", markup=False, soft_wrap=True)
-                    return {**summary, "waiting_for_labels": pending}
-            reference_answers = [(pair.prompt.text, text) for pair in _generated_by(store, policy)
-                                 for text in (pair.a.text, pair.b.text)]
+                console.print(f"  sampling {loop.pairs_per_round - have} pairs on {prompts} → {db}")
+                counts = generate_pairs(policy, prompts, db, loop.pairs_per_round - have,
+                                        max_new_tokens=r0.max_new_tokens, temperature=r0.temperature, top_k=r0.top_k,
+                                        top_p=r0.top_p, seed=loop.seed + 1000 * r + have,
+                                        batch_size=r0.generation_batch_size or 16,
+                                        prompt_format=base_config.model.prompt_format,
+                                        system_prompt=base_config.model.system_prompt, device=loop.device)
+                if counts.stored < loop.pairs_per_round - have:
+                    console.print(f"  [yellow]warning[/]: only {counts.stored} new pairs; the policy repeats itself")
+                stop_if_asked(r, "sampling pairs")
 
-        # 3. reward model on every label so far
-        rm_dir = round_dir / "rm"
-        if not (rm_dir / "rlhflab_rm.json").is_file():
-            from rlhflab.rewards.reward_model import train_reward_model
+            # 2. label
+            with PreferenceStore(db) as store:
+                if judge is not None:
+                    from rlhflab.preferences.judge import judge_pending
 
-            shutil.rmtree(rm_dir, ignore_errors=True)
-            rm = loop.rm.model_copy(update={"base": loop.rm.base or base_config.model.name})
-            train_reward_model(db, rm_dir, rm, seed=loop.seed + r, prompt_format=base_config.model.prompt_format,
-                               calibration=reference_answers, device=loop.device, quiet=quiet)
-            gc.collect()
-        rm_info = json.loads((rm_dir / "rlhflab_rm.json").read_text())
+                    labels = judge_pending(store, judge, f"judge:{loop.judge}", loop.judge_margin)
+                    console.print(f"  judge {loop.judge}: {labels['a']} a, {labels['b']} b, {labels['tie']} tie")
+                else:
+                    pending = sum(v.choice == "pending" for v in store.verdicts())
+                    if pending:
+                        Console(stderr=True).print(  # shown even when quiet: it is what to do next
+                            f"{pending} pairs wait for a label: label with `rlhflab prefs label --db {db}`, "
+                            f"then re-run `rlhflab rlhf {loop_yaml} --out {out_dir}`", markup=False, soft_wrap=True)
+                        return {**summary, "waiting_for_labels": pending}
+                reference_answers = [(pair.prompt.text, text) for pair in _generated_by(store, policy)
+                                     for text in (pair.a.text, pair.b.text)]
+            stop_if_asked(r, "labeling")
 
-        # 4. judge score of the current policy (the previous round measured it already)
-        before = summary["rounds"][-1]["judge_score_after"] if r > 1 else measure(policy)
+            # 3. reward model on every label so far
+            rm_dir = round_dir / "rm"
+            if not (rm_dir / "rlhflab_rm.json").is_file():
+                from rlhflab.rewards.reward_model import train_reward_model
 
-        # 5. PPO with the reward model
-        ppo_dir = round_dir / "ppo"
-        if not _finished_run(ppo_dir):
-            _run_ppo(ppo_config(loop, policy, rm_dir), ppo_dir, quiet)
-            gc.collect()
+                shutil.rmtree(rm_dir, ignore_errors=True)
+                rm = loop.rm.model_copy(update={"base": loop.rm.base or base_config.model.name})
+                try:
+                    train_reward_model(db, rm_dir, rm, seed=loop.seed + r, calibration=reference_answers,
+                                       prompt_format=base_config.model.prompt_format, device=loop.device, quiet=quiet)
+                except Stopped as stopped:
+                    raise Stopped(f"round {r}: {stopped.what}", stopped.exit_code, rerun) from None
+                gc.collect()
+                stop_if_asked(r, "training the reward model")
+            rm_info = json.loads((rm_dir / "rlhflab_rm.json").read_text())
 
-        # 6. judge score after, KL, summary
-        after = measure(str(ppo_dir / "final"))
-        summary["rounds"].append({
-            "round": r,
-            "pairs": _count_generated(db, policy),
-            "labeled_pairs": rm_info["train"]["pairs"] + rm_info["heldout"]["pairs"],
-            "rm_accuracy": rm_info["accuracy"],
-            "rm_train_accuracy": rm_info["train"]["accuracy"],
-            "judge_score_before": before,
-            "judge_score_after": after,
-            "kl": _last_metric(ppo_dir / "metrics.jsonl", "objective/kl"),
-            "policy": policy,
-            "rm": str(rm_dir),
-            "ppo": str(ppo_dir),
-        })  # fmt: skip
-        write_json_atomic(summary_path, summary)
-        row = summary["rounds"][-1]
-        console.print(f"  round {r}: {row['pairs']} pairs, RM accuracy {_fmt(row['rm_accuracy'])}, judge score "
-                      f"{_fmt(before)} → {_fmt(after)}, KL {_fmt(row['kl'])} → {summary_path}")
+            # 4. judge score of the current policy (the previous round measured it already)
+            before = summary["rounds"][-1]["judge_score_after"] if r > 1 else measure(policy)
+            stop_if_asked(r, "measuring the judge score before PPO")
+
+            # 5. PPO with the reward model
+            ppo_dir = round_dir / "ppo"
+            if not _finished_run(ppo_dir):
+                try:
+                    _run_ppo(ppo_config(loop, policy, rm_dir), ppo_dir, quiet)
+                except Stopped as stopped:  # PPO checkpointed the iteration it reached
+                    raise Stopped(f"round {r}: {stopped.what}", stopped.exit_code, rerun) from None
+                gc.collect()
+
+            # 6. judge score after, KL, summary
+            after = measure(str(ppo_dir / "final"))
+            summary["rounds"].append({
+                "round": r,
+                "pairs": _count_generated(db, policy),
+                "labeled_pairs": rm_info["train"]["pairs"] + rm_info["heldout"]["pairs"],
+                "rm_accuracy": rm_info["accuracy"],
+                "rm_train_accuracy": rm_info["train"]["accuracy"],
+                "judge_score_before": before,
+                "judge_score_after": after,
+                "kl": _last_metric(ppo_dir / "metrics.jsonl", "objective/kl"),
+                "policy": policy,
+                "rm": str(rm_dir),
+                "ppo": str(ppo_dir),
+            })  # fmt: skip
+            write_json_atomic(summary_path, summary)
+            row = summary["rounds"][-1]
+            console.print(f"  round {r}: {row['pairs']} pairs, RM accuracy {_fmt(row['rm_accuracy'])}, judge score "
+                          f"{_fmt(before)} → {_fmt(after)}, KL {_fmt(row['kl'])} → {summary_path}")
+            if r < loop.rounds:
+                stop_if_asked(r, "finishing the round")
     return summary
 
 

@@ -37,10 +37,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rlhflab.config import Config, load_config, read_yaml, validated
-from rlhflab.errors import UserError
+from rlhflab.errors import Stopped, UserError
 from rlhflab.files import write_json_atomic
 from rlhflab.runs.checkpoint import latest_checkpoint
 from rlhflab.runs.layout import SWEEP_JSON, short_keys
+from rlhflab.runs.stopping import StopRequests
 from rlhflab.runs.tracking import read_jsonl
 
 DONE = "DONE"  # marker file of a finished run
@@ -203,7 +204,8 @@ def run_sweep(sweep_yaml: str | Path, out_dir: str | Path, echo: Callable[[str],
 
     `echo` receives one line per run started and finished (None: silent). A run that raises is marked
     `failed` (traceback in RUN/error.log) and the next one starts; a UserError listing the failed runs is
-    raised at the end. Ctrl-C stops at once; re-running picks up where it stopped.
+    raised at the end. SIGTERM / Ctrl-C stop the running training at its next iteration (checkpointed) and the
+    sweep after it (exit 143 / 130); re-running picks up where it stopped.
     """
     from rlhflab.pipelines.train import train
 
@@ -212,7 +214,7 @@ def run_sweep(sweep_yaml: str | Path, out_dir: str | Path, echo: Callable[[str],
     sweep, runs = plan_runs(sweep_path)  # every config checked before anything runs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "w") as lock:
+    with open(out / LOCK, "w") as lock, StopRequests("the current run's iteration") as stop:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -227,7 +229,10 @@ def run_sweep(sweep_yaml: str | Path, out_dir: str | Path, echo: Callable[[str],
         }
         write_json_atomic(out / SWEEP_JSON, record)
         failed = []
+        rerun = "run the same `rlhflab sweep` again to continue the sweep"
         for index, (run, entry) in enumerate(zip(runs, record["runs"]), 1):
+            if stop.requested:  # arrived between runs: nothing is lost by not starting the next one
+                raise Stopped(f"stopped by {stop.signal.name} before run {index} of {len(runs)}", stop.exit_code, rerun)
             run_dir = out / run.name
             state = run_status(run_dir)
             tag = f"[{index}/{len(runs)}] {run.name}"
@@ -244,6 +249,10 @@ def run_sweep(sweep_yaml: str | Path, out_dir: str | Path, echo: Callable[[str],
             started = time.perf_counter()
             try:
                 train(run.config, run_dir, resume=state == "resume", quiet=True)
+            except Stopped as stopped:  # checkpointed by train: the sweep stops here and resumes this run
+                entry["status"] = "stopped"
+                write_json_atomic(out / SWEEP_JSON, record)
+                raise Stopped(f"{tag}: {stopped.what}", stopped.exit_code, rerun) from None
             except Exception as err:  # noqa: BLE001 — one broken run must not stop the others
                 (run_dir / "error.log").parent.mkdir(parents=True, exist_ok=True)
                 (run_dir / "error.log").write_text(traceback.format_exc())

@@ -79,8 +79,9 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     finally:
         tracker.close()
     if stop.requested:
+        saved = "checkpoint saved" if trainer.iteration else "nothing to save yet"
         raise Stopped(f"stopped by {stop.signal.name} at iteration {trainer.iteration} of {c.train.iterations}; "
-                      f"checkpoint saved: continue with `rlhflab train --resume {run_dir}`", stop.exit_code)
+                      f"{saved}", stop.exit_code, f"continue with `rlhflab train --resume {run_dir}`")
     table = None
     if probes is not None:
         # before save_final: merging LoRA removes the adapter-disabled reference this evaluation compares with

@@ -54,8 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhflab.config import RewardModelConfig
-from rlhflab.errors import UserError
+from rlhflab.errors import Stopped, UserError
 from rlhflab.files import atomic_dir
+from rlhflab.runs.stopping import StopRequests
 
 INFO_FILE = "rlhflab_rm.json"
 HEAD_FILE = "rm_head.safetensors"
@@ -340,7 +341,7 @@ def train_reward_model(
     console.print(f"reward model: {len(train_pairs)} train / {len(heldout_pairs)} held-out pairs, base {base}, "
                   f"{'LoRA r=' + str(c.lora_r) if c.lora else 'full fine-tuning'}, {c.epochs} epochs, lr {lr:g}")
     history = []
-    with seeded(seed, dev):
+    with seeded(seed, dev), StopRequests("the current batch", "stopping") as stop:
         backbone = load_causal_lm(base, dev, dtype)
         if c.lora:
             backbone = add_lora(backbone, c.lora_r, c.lora_alpha or 2 * c.lora_r, "all-linear")
@@ -359,6 +360,9 @@ def train_reward_model(
             order = torch.randperm(len(train_pairs), generator=generator).tolist()
             losses, accuracies = [], []
             for start in range(0, len(order), c.batch_size):
+                if stop.requested:  # the model is written whole or not at all: there is no partial one to keep
+                    raise Stopped(f"stopped by {stop.signal.name} in epoch {epoch} of {c.epochs}; a reward model "
+                                  "is saved only when complete", stop.exit_code, "run the same command again")
                 batch = [train_pairs[i] for i in order[start : start + c.batch_size]]
                 chosen_texts, rejected_texts = texts(batch)
                 enc = _encode(tokenizer, chosen_texts + rejected_texts, c.max_length, dev)

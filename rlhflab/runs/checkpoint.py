@@ -109,9 +109,13 @@ def save_checkpoint(run_dir: Path, iteration: int, tensors: dict[str, dict], sta
         (tmp / STATE_JSON).write_text(state_json)
 
     final = root / name
-    shutil.rmtree(final, ignore_errors=True)  # the same iteration saved again (a resumed run's last save)
-    atomic_dir(final, build)
-    write_atomic(root / "latest", name)
+    pointer = root / "latest"
+    # a run resumed here and not stepped since: the checkpoint `latest` names already holds this state
+    if not (pointer.is_file() and pointer.read_text().strip() == name and (final / STATE_JSON).is_file()):
+        if final.is_dir():
+            shutil.rmtree(final)  # saved but never pointed at (killed before `latest` moved): not one to keep
+        atomic_dir(final, build)
+        write_atomic(pointer, name)
     for old in sorted(p for p in root.glob("iter_*") if p.is_dir())[:-keep]:  # beyond `keep`
         shutil.rmtree(old, ignore_errors=True)
     remove_partial_checkpoints(run_dir)
