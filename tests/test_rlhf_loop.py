@@ -17,36 +17,6 @@ from rlhflab.preferences.store import PreferenceStore
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 
-# A judge that almost never ties on the tiny model's random bytes (a tie would not train the RM).
-JUDGE = "def score(prompts, completions, metadata):\n    return [float(sum(map(ord, c)) % 101) for c in completions]\n"
-
-
-@pytest.fixture
-def loop_file(tmp_path, prompt_file):
-    """A loop on the tiny model: 6 pairs per round, a 1-epoch RM normalised on 8 of the 12 answers, 1 PPO iteration
-    of 8 answers."""
-    (tmp_path / "judge.py").write_text(JUDGE)
-    recipe = {
-        "model": {"name": "tiny", "prompt_format": "plain"},
-        "data": {"prompts": str(prompt_file)},
-        "rollout": {"prompts_per_iteration": 4, "samples_per_prompt": 2, "max_new_tokens": 8},
-        "reward": {"spec": "length"},
-        "ppo": {"epochs": 1, "minibatch_size": 8},
-        "train": {"iterations": 1, "learning_rate": 1e-3, "checkpoint_every": 0},
-        "eval": {"report": False},
-    }
-    (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(recipe))
-    loop = {
-        "recipe": "ppo.yaml", "rounds": 2, "pairs_per_round": 6, "judge": "python:judge.py:score",
-        "eval_samples_per_prompt": 1,
-        "rm": {"lora": False, "epochs": 1, "lr": 1e-3, "heldout_fraction": 0.25, "calibration_samples": 8},
-        "set": ["ppo.kl_coef=0.1"],
-    }  # fmt: skip
-    path = tmp_path / "loop.yaml"
-    path.write_text(yaml.safe_dump(loop))
-    return path
-
-
 def run(loop: Path, out: Path) -> str:
     result = runner.invoke(app, ["rlhf", str(loop), "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output

@@ -22,7 +22,7 @@ from rlhflab.runs.seeding import seed_everything
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _rows(run_dir: Path) -> list[dict]:
+def rows_without_timings(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in rows]
 
@@ -49,7 +49,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tiny_config, tmp_
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines at the console width
     assert "stopped before its first checkpoint" in err and "starts it again from iteration 0" in err
     assert ("--resume" in err) == resume
-    assert _rows(killed) == _rows(whole)  # the same run, each iteration logged once
+    assert rows_without_timings(killed) == rows_without_timings(whole)  # the same run, each iteration logged once
     assert not list((killed / "checkpoints").glob(".iter_*.tmp"))  # the orphan is gone
 
 
@@ -99,7 +99,7 @@ def test_a_signal_checkpoints_the_iteration_reached_and_resume_finishes(tmp_path
                            "--set", f"train.iterations={reached + 1}"],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
-    assert [row["iteration"] for row in _rows(run_dir)] == list(range(1, reached + 2))
+    assert [row["iteration"] for row in rows_without_timings(run_dir)] == list(range(1, reached + 2))
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):

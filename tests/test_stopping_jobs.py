@@ -20,8 +20,7 @@ from rlhflab.pipelines.sweep import run_sweep
 from rlhflab.ppo.trainer import PPOTrainer
 from rlhflab.rewards import reward_model
 from rlhflab.runs.checkpoint import latest_checkpoint
-from tests.test_rlhf_loop import loop_file  # noqa: F401 — the tiny two-round loop
-from tests.test_stopping import _rows
+from tests.test_stopping import rows_without_timings
 from tests.test_sweep import write_sweep
 
 runner = CliRunner()
@@ -61,10 +60,10 @@ def test_a_sweep_stops_inside_a_run_and_resumes_to_the_unbroken_result(tmp_path,
     resumed = run_sweep(sweep, broken)
     assert [r["status"] for r in resumed["runs"]] == ["done", "done"]
     for entry in whole["runs"]:
-        assert _rows(broken / entry["dir"]) == _rows(tmp_path / "whole" / entry["dir"])
+        assert rows_without_timings(broken / entry["dir"]) == rows_without_timings(tmp_path / "whole" / entry["dir"])
 
 
-def test_the_loop_stops_in_rm_training_and_in_ppo_and_reruns_to_the_unbroken_summary(loop_file, tmp_path,  # noqa: F811
+def test_the_loop_stops_in_rm_training_and_in_ppo_and_reruns_to_the_unbroken_summary(loop_file, tmp_path,
                                                                                         monkeypatch):
     def loop(out: Path, code: int = 0) -> str:
         result = runner.invoke(app, ["rlhf", str(loop_file), "--out", str(out), "-q"])
