@@ -69,6 +69,13 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T) value targets
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: generate, score, forwards
+    valid: torch.Tensor | None = None  # (B,) bool: reward and advantages finite (None: all); the others train nothing
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """(B, T) the response mask of the samples the update learns from: all-0 rows for invalid ones."""
+        mask = self.gen.response_mask
+        return mask if self.valid is None else mask * self.valid.unsqueeze(1).to(mask.dtype)
 
 
 def response_mask_after_eos(response_ids: torch.Tensor, eos_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
