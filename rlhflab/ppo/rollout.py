@@ -59,8 +59,8 @@ class Rollout:
     gen: Generation
     prompts: list[str]  # (B,) prompt as the reward sees it
     metadata: list[dict]  # (B,) per-prompt fields from the prompt file
-    scores: torch.Tensor  # (B,) task score after missing-EOS penalty and normalisation
-    raw_scores: torch.Tensor  # (B,) reward as returned, before any of that
+    scores: torch.Tensor  # (B,) task score after missing-EOS penalty and normalisation (0 where not valid)
+    raw_scores: torch.Tensor  # (B,) reward as returned, before any of that (NaN/inf kept)
     components: dict[str, list[float]]  # reward component -> (B,) values
     ref_logprobs: torch.Tensor  # (B, T) log π_ref(token)
     values: torch.Tensor | None  # (B, T) V(s_t) from the critic before the update

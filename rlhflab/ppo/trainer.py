@@ -451,7 +451,8 @@ class PPOTrainer:
             "objective/kl_k3": per_answer["k3"].mean().item() if some else nan,
             "objective/kl_coef": self.kl_coef,
             "objective/rlhf_reward": (raw - self.kl_coef * kl_used).mean().item() if some else nan,
-            "objective/entropy": masked_mean(ro.gen.entropy, mask).item() if some and ro.gen.entropy is not None else nan,
+            "objective/entropy": (masked_mean(ro.gen.entropy, mask).item()
+                                  if some and ro.gen.entropy is not None else nan),
             "policy/advantage_var": masked_var(ro.advantages, mask).item() if some else nan,
             "policy/lr": self.policy_sched.get_last_lr()[0],
             "rollout/response_length": mask.sum(1).mean().item(),

@@ -45,6 +45,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,7 +384,9 @@ def train_reward_model(
                             f"reward-model training: the loss or gradient norm was NaN/inf in {streak} consecutive "
                             f"steps (last: epoch {epoch}); nothing was saved to {out_dir}; lower rm.lr or check "
                             "the preference data")
-                sched.step()
+                with warnings.catch_warnings():  # a skipped first step advances the schedule before any opt.step()
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    sched.step()
             n = max(len(train_pairs) - sum(skipped_pairs), 1)  # the pairs of the steps taken
             row = {"epoch": epoch, "loss": sum(losses) / n, "accuracy": sum(accuracies) / n,
                    "skipped_nonfinite": len(skipped_pairs)}
