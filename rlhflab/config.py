@@ -190,6 +190,8 @@ class TrainConfig(Section):
     """Checkpoints kept on disk (older ones are deleted)."""
     save_final: bool = True
     """Write RUN_DIR/final/ as a plain Hugging Face model directory (LoRA merged)."""
+    nonfinite_patience: int = Field(10, ge=1)
+    """Iterations in a row with nothing usable (every reward or every step NaN/inf) before checkpoint + exit 3."""
 
 
 class LogConfig(Section):
@@ -243,6 +245,8 @@ class RewardModelConfig(Section):
     """Longest RM input in tokens (prompt + answer + EOS); longer inputs lose their start."""
     calibration_samples: int = Field(512, ge=2)
     """Most reference-policy answers the mean-0/std-1 normalisation is fitted on (a seeded sample of them)."""
+    nonfinite_patience: int = Field(10, ge=1)
+    """Optimizer steps in a row skipped for a NaN/inf loss or gradient before training stops (exit 3)."""
 
     @property
     def learning_rate(self) -> float:

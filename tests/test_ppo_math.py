@@ -17,7 +17,7 @@ from rlhflab.ppo.advantages import (
 from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
 from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss
 from rlhflab.ppo.rollout import response_mask_after_eos
-from rlhflab.ppo.stats import explained_variance, masked_mean, masked_var, masked_whiten
+from rlhflab.ppo.stats import explained_variance, finite_rows, masked_mean, masked_var, masked_whiten
 from rlhflab.rewards.reward_model import bradley_terry_loss
 
 
@@ -126,6 +126,33 @@ def test_critic_free_estimators_hand_values():
     std0 = torch.tensor([1.0, 0.0, 0.0]).std().item()
     assert grpo[:3].tolist() == pytest.approx([(2 / 3) / std0, (-1 / 3) / std0, (-1 / 3) / std0], abs=1e-4)
     assert grpo[3:].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-4)
+
+
+def test_critic_free_estimators_leave_invalid_samples_out_by_hand():
+    """A sample with a NaN reward gets advantage 0 and is in no baseline: a group's stats use its valid members."""
+    nan = float("nan")
+    scores = torch.tensor([1.0, nan, 3.0, 2.0, 4.0, 6.0])  # P = 2 × K = 3; sample 1 has no reward
+    valid = torch.isfinite(scores)
+    assert reinforce_advantages(scores, 3, valid).tolist() == pytest.approx([-1.0, 0.0, 1.0, -2.0, 0.0, 2.0])
+    assert reinforce_advantages(scores, 1, valid).tolist() == pytest.approx([-2.2, 0.0, -0.2, -1.2, 0.8, 2.8])
+    # RLOO: group 0's baselines are the one other valid member (3, then 1)
+    assert rloo_advantages(scores, 3, valid).tolist() == pytest.approx([-2.0, 0.0, 2.0, -3.0, 0.0, 3.0])
+    # GRPO: group 0 is {1, 3}: mean 2, std √2; group 1 {2, 4, 6}: mean 4, std 2
+    grpo = group_normalized_advantages(scores, 3, valid=valid)
+    assert grpo.tolist() == pytest.approx([-2**-0.5, 0.0, 2**-0.5, -1.0, 0.0, 1.0], abs=1e-5)
+    # a lone valid member has no baseline: 0, not NaN
+    lone, lone_valid = torch.tensor([5.0, nan]), torch.tensor([True, False])
+    for estimator in (rloo_advantages, group_normalized_advantages, reinforce_advantages):
+        assert estimator(lone, 2, valid=lone_valid).tolist() == [0.0, 0.0]
+
+
+def test_finite_rows_and_denominator_of_dropped_samples():
+    x = torch.tensor([[1.0, float("nan")], [float("inf"), 1.0], [2.0, 3.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])  # row 0's NaN is padding
+    assert finite_rows(x, mask).tolist() == [True, False, True]
+    dropped = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])  # row 1 left out of the update
+    assert loss_denominator(dropped, "sequence").item() == 2.0
+    assert loss_denominator(dropped, "token").item() == 3.0
 
 
 def test_policy_loss_clipping_and_clipfrac():

@@ -279,11 +279,6 @@ COMPLETIONS = ["fine", "ok", "good", "The sky is blue and the grass is green and
 @pytest.mark.parametrize(
     "returned, needles",
     [
-        (
-            [0.0, 0.0, 0.0, float("nan")],
-            ["reward 'bad'", "returned nan for sample 3", '("The sky is blue', "…", "finite"],
-        ),
-        ([0.0, float("inf"), 0.0, 0.0], ["returned inf for sample 1", '("ok")']),
         ([0.0, 0.0], ["reward 'bad' returned 2 values for 4 completions"]),
         ([0.0, 0.0, "high", 0.0], ["reward 'bad'", "one float per completion"]),
         (1.0, ["reward 'bad'", "float", "one float per completion"]),
@@ -297,6 +292,17 @@ def test_bad_reward_outputs(returned, needles):
         build_reward(bad).score([""] * 4, COMPLETIONS, [{}] * 4)
     for needle in needles:
         assert needle in str(info.value)
+
+
+def test_nonfinite_rewards_pass_through_as_no_reward():
+    """NaN / inf are "no reward" for that sample (PPO leaves it out), not an error; the weighted total keeps them."""
+
+    def flaky(prompts, completions, metadata):
+        return [0.5, float("nan"), float("inf"), 1.0]
+
+    total, components = build_reward([{"spec": flaky, "weight": 2.0}]).score([""] * 4, COMPLETIONS, [{}] * 4)
+    assert total[0] == 1.0 and total[3] == 2.0 and math.isnan(total[1]) and total[2] == float("inf")
+    assert math.isnan(components["flaky"][1])
 
 
 def test_raising_reward_names_component_batch_and_exception(tmp_path):

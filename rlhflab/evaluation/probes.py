@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -134,8 +135,8 @@ def _side_metrics(
     texts = [gen.texts[i] for i in rows]
     group_rewards = [rewards[i] for i in rows]
     return {
-        "behavior_rate": sum(r > 0 for r in group_rewards) / len(rows),
-        "reward_mean": sum(group_rewards) / len(rows),
+        "behavior_rate": sum(r > 0 for r in group_rewards) / len(rows),  # a NaN/inf reward ("none") is not > 0
+        "reward_mean": finite_mean(group_rewards),
         "kl_k1": (kl["k1"] * mask).sum(1).mean().item(),
         "kl_k3": (kl["k3"] * mask).sum(1).mean().item(),
         "entropy": masked_mean(entropy[idx], mask).item(),
@@ -146,6 +147,12 @@ def _side_metrics(
         "length": mask.sum(1).mean().item(),
         "eos_rate": gen.has_eos[idx].float().mean().item(),
     }
+
+
+def finite_mean(values: list[float]) -> float:
+    """Mean of the finite values (a NaN/inf reward means "no reward"); NaN when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 @torch.no_grad()

@@ -253,6 +253,7 @@ def judge_score(model: str, prompts_file: str | Path, scorer, *, samples_per_pro
                 system_prompt: str | None = None, device: str = "auto") -> float:
     """Mean score of `scorer` over answers sampled from `model`: every prompt × samples_per_prompt, seeded."""
     from rlhflab.data.prompts import load_prompts, render_prompt
+    from rlhflab.evaluation.probes import finite_mean
     from rlhflab.models.loading import load_for_sampling
     from rlhflab.ppo.rollout import generate
     from rlhflab.runs.seeding import seeded
@@ -265,8 +266,7 @@ def judge_score(model: str, prompts_file: str | Path, scorer, *, samples_per_pro
                        batch_size=16)
     shown = [p.display for p in items for _ in range(samples_per_prompt)]
     metadata = [dict(p.metadata) for p in items for _ in range(samples_per_prompt)]
-    scores = scorer(shown, gen.texts, metadata)
-    return float(sum(scores) / len(scores))
+    return finite_mean(list(scorer(shown, gen.texts, metadata)))  # a NaN/inf score is "no score"
 
 
 def _run_ppo(config: Config, ppo_dir: Path, quiet: bool) -> None:

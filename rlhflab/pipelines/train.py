@@ -30,6 +30,7 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     and malloc's reuse of freed memory (`keep_freed_memory`).
     """
     from rich.console import Console
+    from rich.markup import escape
 
     from rlhflab.evaluation.health import HealthMonitor
     from rlhflab.models.loading import keep_freed_memory
@@ -49,6 +50,7 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     trainer = PPOTrainer(config, run_dir, reward=reward)
     monitor = HealthMonitor()
     trainer.checkpoint_extras["health"] = monitor  # a resumed run keeps its alarm baselines and streaks
+    trainer.warn = lambda message: console.print(f"[yellow]warning[/]: {escape(message)}", highlight=False)
     if checkpoint is not None:
         trainer.resume()
         console.print(f"resumed {run_dir} at iteration {trainer.iteration}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhflab.ppo.stats import masked_mean
+
 
 def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards: −β·KL_t at every response token, plus the score on the last real token.
@@ -50,35 +52,47 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
-def reinforce_advantages(scores: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
+def _groups(scores: torch.Tensor, samples_per_prompt: int, valid: torch.Tensor | None):
+    """(P, K) scores with invalid members set to 0, and the (P, K) 0/1 validity of each member."""
+    v = torch.ones_like(scores) if valid is None else valid.to(scores.dtype)
+    s = torch.where(v > 0, scores, torch.zeros_like(scores))
+    return s.view(-1, samples_per_prompt), v.view(-1, samples_per_prompt)
+
+
+def reinforce_advantages(scores: torch.Tensor, samples_per_prompt: int, valid: torch.Tensor | None = None
+                         ) -> torch.Tensor:
     """Score minus a mean baseline: the per-prompt mean when K > 1, else the batch mean.
 
-    scores (P*K,), grouped prompt-major ([p0 s0, p0 s1, ..., p1 s0, ...]) -> (P*K,)
+    scores (P*K,), grouped prompt-major ([p0 s0, p0 s1, ..., p1 s0, ...]) -> (P*K,). `valid` (P*K,) bool
+    (None: all): invalid samples (a NaN/inf reward) get advantage 0 and are left out of every baseline.
     """
-    if samples_per_prompt > 1:
-        grouped = scores.view(-1, samples_per_prompt)  # (P, K)
-        return (grouped - grouped.mean(1, keepdim=True)).flatten()
-    return scores - scores.mean()
+    k = samples_per_prompt if samples_per_prompt > 1 else len(scores)  # K = 1: one group, the batch
+    grouped, v = _groups(scores, k, valid)  # (P, K)
+    return ((grouped - masked_mean(grouped, v, 1).unsqueeze(1)) * v).flatten()
 
 
-def rloo_advantages(scores: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
+def rloo_advantages(scores: torch.Tensor, samples_per_prompt: int, valid: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """REINFORCE leave-one-out: each sample's baseline is the mean of the other K−1 samples of its prompt.
 
-    scores (P*K,) prompt-major -> (P*K,). Needs K ≥ 2.
+    scores (P*K,) prompt-major -> (P*K,). Needs K ≥ 2. `valid` as in `reinforce_advantages`: the baseline is
+    the mean of the other valid members; a sample with no other valid member has no baseline and gets 0.
     """
-    k = samples_per_prompt
-    grouped = scores.view(-1, k)  # (P, K)
-    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
-    return (grouped - baseline).flatten()
+    grouped, v = _groups(scores, samples_per_prompt, valid)  # (P, K)
+    others = v.sum(1, keepdim=True) - 1  # (P, 1) other valid members of a valid sample's group
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / others.clamp(min=1)
+    return ((grouped - baseline) * v * (others > 0)).flatten()
 
 
-def group_normalized_advantages(scores: torch.Tensor, samples_per_prompt: int, eps: float = 1e-6) -> torch.Tensor:
+def group_normalized_advantages(scores: torch.Tensor, samples_per_prompt: int, eps: float = 1e-6,
+                                valid: torch.Tensor | None = None) -> torch.Tensor:
     """GRPO: (score − mean of its prompt's group) / (std of the group + eps).
 
-    scores (P*K,) prompt-major -> (P*K,). Needs K ≥ 2.
+    scores (P*K,) prompt-major -> (P*K,). Needs K ≥ 2. `valid` as in `reinforce_advantages`: mean and
+    (Bessel-corrected) std over the group's valid members; a lone valid member gets 0.
     """
-    grouped = scores.view(-1, samples_per_prompt)  # (P, K)
-    mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
-    return ((grouped - mean) / (std + eps)).flatten()
-
-
+    grouped, v = _groups(scores, samples_per_prompt, valid)  # (P, K)
+    n = v.sum(1, keepdim=True)  # (P, 1)
+    centred = (grouped - masked_mean(grouped, v, 1).unsqueeze(1)) * v
+    std = ((centred**2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    return (centred / (std + eps)).flatten()

@@ -17,11 +17,12 @@ def loss_denominator(mask: torch.Tensor, normalization: str) -> torch.Tensor:
     """The count a minibatch's summed loss is divided by: its response tokens (`token`) or answers (`sequence`).
 
     mask (B, T) of the whole minibatch -> scalar. Computed once per minibatch, before its micro-batches, so
-    a multi-process run can pass the sum over processes to `loss_weights` instead.
+    a multi-process run can pass the sum over processes to `loss_weights` instead. Answers dropped from the
+    update (a NaN/inf reward: their mask row is all 0) count in neither.
     """
     if normalization == "token":
         return mask.sum().clamp(min=1.0)
-    return torch.tensor(float(len(mask)), device=mask.device)
+    return (mask.sum(1) > 0).sum().clamp(min=1).to(mask.dtype)
 
 
 def loss_weights(mask: torch.Tensor, normalization: str, denominator: torch.Tensor | float) -> torch.Tensor:

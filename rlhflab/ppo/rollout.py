@@ -59,8 +59,8 @@ class Rollout:
     gen: Generation
     prompts: list[str]  # (B,) prompt as the reward sees it
     metadata: list[dict]  # (B,) per-prompt fields from the prompt file
-    scores: torch.Tensor  # (B,) task score after missing-EOS penalty and normalisation
-    raw_scores: torch.Tensor  # (B,) reward as returned, before any of that
+    scores: torch.Tensor  # (B,) task score after missing-EOS penalty and normalisation (0 where not valid)
+    raw_scores: torch.Tensor  # (B,) reward as returned, before any of that (NaN/inf kept)
     components: dict[str, list[float]]  # reward component -> (B,) values
     ref_logprobs: torch.Tensor  # (B, T) log π_ref(token)
     values: torch.Tensor | None  # (B, T) V(s_t) from the critic before the update
@@ -69,6 +69,13 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T) value targets
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: generate, score, forwards
+    valid: torch.Tensor | None = None  # (B,) bool: reward and advantages finite (None: all); the others train nothing
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """(B, T) the response mask of the samples the update learns from: all-0 rows for invalid ones."""
+        mask = self.gen.response_mask
+        return mask if self.valid is None else mask * self.valid.unsqueeze(1).to(mask.dtype)
 
 
 def response_mask_after_eos(response_ids: torch.Tensor, eos_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:

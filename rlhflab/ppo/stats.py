@@ -42,6 +42,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return whitened * mask
 
 
+def finite_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rows of x whose masked entries are all finite (padding may hold anything).
+
+    x, mask (B, T) -> (B,) bool.
+    """
+    return (torch.isfinite(x) | (mask == 0)).all(1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

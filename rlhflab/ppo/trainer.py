@@ -13,7 +13,9 @@ The math lives in `kl.py`, `advantages.py`, `losses.py`, `stats.py`; the value m
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +26,7 @@ from torch import nn
 
 from rlhflab.config import Config
 from rlhflab.data.prompts import PromptSampler, load_prompts, render_prompt, resolve_prompt_format
-from rlhflab.errors import UserError
+from rlhflab.errors import NonFiniteAbort, UserError
 from rlhflab.models.forward import ValueHead, forward_response
 from rlhflab.models.loading import (
     add_lookup_grad_in_place,
@@ -46,7 +48,7 @@ from rlhflab.ppo.critic import Critic, SeparateCritic, SharedHeadCritic, critic_
 from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
 from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss
 from rlhflab.ppo.rollout import Rollout, forward_answers, generate
-from rlhflab.ppo.stats import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
+from rlhflab.ppo.stats import explained_variance, finite_rows, masked_mean, masked_sum, masked_var, masked_whiten
 from rlhflab.runs.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -99,6 +101,10 @@ class PPOTrainer:
                 self.critic.parameters(), c.train.critic_learning_rate or c.train.learning_rate, c.train.iterations)
         self.kl_coef = c.ppo.kl_coef
         self.iteration = 0
+        self.nonfinite_streak = 0  # iterations in a row with nothing usable (NaN/inf); checkpointed
+        # where the once-per-run NaN/inf notices go (the train pipeline prints them on its console)
+        self.warn: Callable[[str], None] = lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3)
+        self._warned: set[str] = set()
         # objects outside the trainer (e.g. the health monitor) whose JSON-able state_dict() rides along in
         # every checkpoint; resume() hands each its saved state through load_state_dict()
         self.checkpoint_extras: dict[str, Any] = {}
@@ -181,15 +187,16 @@ class PPOTrainer:
         if shared_head is not None:
             gen.values = values
 
-    def _normalize_scores(self, scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
+    def _normalize_scores(self, scores: torch.Tensor, has_eos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """scores, has_eos, valid (B,) -> (B,): penalty, normalisation over the valid samples; invalid ones 0."""
         r = self.config.reward
+        scores = torch.where(valid, scores, torch.zeros_like(scores))
         scores = apply_missing_eos_penalty(scores, has_eos, r.missing_eos_penalty)
-        ones = torch.ones_like(scores)
-        if r.normalization != "none" and len(scores) > 1:
-            scores = masked_whiten(scores, ones, shift_mean=r.normalization == "whiten")
+        if r.normalization != "none" and valid.sum() > 1:
+            scores = masked_whiten(scores, valid.float(), shift_mean=r.normalization == "whiten")
         if r.clip is not None:
             scores = scores.clamp(-r.clip, r.clip)
-        return scores
+        return scores * valid
 
     def collect(self) -> Rollout:
         """Stages 1-4: rollout, score, KL-shaped rewards, advantages."""
@@ -207,7 +214,10 @@ class PPOTrainer:
         metadata = [dict(self.prompts[i].metadata) for i in idx]
         total, components = self.reward.score(prompts, gen.texts, metadata)
         raw = torch.tensor(total, dtype=torch.float32, device=self.device)
-        scores = self._normalize_scores(raw, gen.has_eos.to(self.device))
+        valid = torch.isfinite(raw)  # (B,) a NaN/inf reward is "no reward": the sample sits out the update
+        if not valid.all():
+            self._warn_nonfinite_reward(raw, components)
+        scores = self._normalize_scores(raw, gen.has_eos.to(self.device), valid)
         t2 = time.perf_counter()
         # 3. reference log-probs, values, per-token KL (old log-probs too, when recomputed)
         if self.recomputes_old_logprobs:
@@ -216,14 +226,26 @@ class PPOTrainer:
         mask = gen.response_mask
         kl = kl_estimators(gen.logprobs, ref_logprobs)
         kl = {k: v * mask for k, v in kl.items()}
-        ro = Rollout(gen, prompts, metadata, scores, raw, components, ref_logprobs, values, kl)
+        ro = Rollout(gen, prompts, metadata, scores, raw, components, ref_logprobs, values, kl, valid=valid)
         ro.timings = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forwards": time.perf_counter() - t2}
         # 4. advantages
         self._advantages(ro)
         return ro
 
+    def _warn_nonfinite_reward(self, raw: torch.Tensor, components: dict[str, list[float]]) -> None:
+        i = int((~torch.isfinite(raw)).nonzero()[0])
+        name = next((n for n, v in components.items() if not math.isfinite(v[i])), "total")
+        self._warn_once("reward", f"reward {name!r} returned {components.get(name, raw.tolist())[i]} for sample {i} "
+                                  f"at iteration {self.iteration}: samples with a NaN/inf reward are left out of the "
+                                  "update (counted as reward/nonfinite); warned once per run")
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            self.warn(message)
+
     def _advantages(self, ro: Rollout) -> None:
-        c, mask = self.config, ro.gen.response_mask
+        c, mask = self.config, ro.loss_mask
         kl_in_reward = self.kl_coef if c.ppo.kl_in == "reward" else 0.0
         kl = ro.kl[c.ppo.optimized_kl_estimator]
         if c.ppo.advantage_estimator == "gae":
@@ -234,7 +256,17 @@ class PPOTrainer:
             seq_reward = ro.scores - kl_in_reward * kl.sum(1)
             estimator = {"reinforce": reinforce_advantages, "rloo": rloo_advantages,
                          "grpo": group_normalized_advantages}[c.ppo.advantage_estimator]
-            ro.advantages = estimator(seq_reward, c.rollout.samples_per_prompt).unsqueeze(1) * mask
+            ro.advantages = estimator(seq_reward, c.rollout.samples_per_prompt, valid=ro.valid).unsqueeze(1) * mask
+        # a NaN/inf from the critic or the KL drops its sample like a NaN reward, before whitening spreads it
+        finite = finite_rows(ro.advantages, mask)
+        if ro.returns is not None:
+            finite &= finite_rows(ro.returns, mask)
+        if not finite.all():
+            ro.valid = finite if ro.valid is None else ro.valid & finite
+            mask = ro.loss_mask
+            for name in ("advantages", "returns", "values"):  # 0 · NaN is NaN: a zero loss weight is not enough
+                if getattr(ro, name) is not None:
+                    setattr(ro, name, torch.where(mask > 0, getattr(ro, name), 0.0))
         if c.ppo.whitens_advantages:
             ro.advantages = masked_whiten(ro.advantages, mask)
         if c.ppo.advantage_clip is not None:
@@ -250,7 +282,7 @@ class PPOTrainer:
         `ppo.optimized_kl_estimator` (kl_in: loss), the `entropy`, the critic's `value` loss. -> (terms, stats)."""
         c, gen = self.config, ro.gen
         i, a, t = gen.trimmed(rows)
-        mask = gen.response_mask[rows, :t]  # (b, T')
+        mask = ro.loss_mask[rows, :t]  # (b, T') 0 on samples left out for a NaN/inf reward
         w = loss_weights(mask, c.ppo.loss_normalization, denominator)  # (b, T')
         with self.precision.autocast():
             out = forward_response(self.policy, i, a, t, c.rollout.temperature, self.critic.policy_head,
@@ -285,13 +317,14 @@ class PPOTrainer:
 
     def update(self, ro: Rollout) -> dict[str, float]:
         """Stage 5: `ppo.epochs` passes over the batch in reshuffled minibatches; each minibatch accumulates its
-        micro-batches' gradients, then takes one optimizer step."""
+        micro-batches' gradients, then takes one optimizer step. A minibatch with a NaN/inf loss or gradient
+        norm, or with no valid sample, takes none (`policy/skipped_nonfinite`)."""
         c = self.config
-        N, mb, micro = c.rollout_batch_size, c.ppo.minibatch_size, c.micro_batch_size
+        N, mb = c.rollout_batch_size, c.ppo.minibatch_size
         train_policy = self.iteration > c.ppo.critic_warmup_iterations
         target, check_before_step = c.ppo.target_approx_kl, c.ppo.approx_kl_check == "before_step"
         stats: dict[str, list[float]] = {}
-        epochs = steps = 0
+        epochs = steps = nonfinite = 0
         stopped = False
         self.policy.train()
         while epochs < c.ppo.epochs and not stopped:
@@ -300,20 +333,11 @@ class PPOTrainer:
             epoch_kl = []
             for start in range(0, N, mb):
                 rows = perm[start : start + mb]
-                denominator = loss_denominator(ro.gen.response_mask[rows], c.ppo.loss_normalization)
-                mb_stats: dict[str, float] = {}
-                for m in range(0, mb, micro):
-                    terms, micro_stats = self.loss_terms(ro, rows[m : m + micro], denominator)
-                    loss = self.total_loss(terms, train_policy)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(
-                            f"iteration {self.iteration}: loss is {loss.item()} (policy loss {terms['policy'].item()}); "
-                            "lower train.learning_rate or check the reward scale (see docs/ppo.md, debugging)")
-                    loss.backward()
-                    # micro-batch terms are shares of the minibatch's value: they add up (the max excepted)
-                    for k, v in {**{f"loss/{k}": v for k, v in terms.items()}, **micro_stats}.items():
-                        mb_stats[k] = max(mb_stats.get(k, 0.0), v.item()) if k == "policy/ratio_max" \
-                            else mb_stats.get(k, 0.0) + v.item()
+                mb_stats = self._accumulate(ro, rows, train_policy)
+                if mb_stats is None:  # nothing finite to learn from: drop the gradients, advance the schedules
+                    self._step(skip=True, train_policy=train_policy)
+                    nonfinite += 1
+                    continue
                 for k, v in mb_stats.items():
                     stats.setdefault(k, []).append(v)
                 epoch_kl.append(mb_stats["policy/approxkl"])
@@ -322,35 +346,74 @@ class PPOTrainer:
                     stopped = True  # this minibatch moved too far already: no step, no further minibatches
                     break
                 skipped = mb_stats["policy/ratio_mean"] > c.ppo.ratio_threshold  # the old TRL guardrail
-                stats.setdefault("policy/grad_norm", []).append(self._step(skip=skipped, train_policy=train_policy))
+                grad_norm = self._step(skip=skipped, train_policy=train_policy)
+                if not math.isfinite(grad_norm):
+                    nonfinite += 1
+                    self._warn_once("step", f"iteration {self.iteration}: gradient norm {grad_norm}; the optimizer "
+                                            "step was skipped (counted as policy/skipped_nonfinite); warned once")
+                else:
+                    stats.setdefault("policy/grad_norm", []).append(grad_norm)
+                    steps += not skipped
                 stats.setdefault("policy/skipped_minibatches", []).append(float(skipped))
-                steps += not skipped
-            if not check_before_step and target is not None and np.mean(epoch_kl) > target:
+            if not check_before_step and target is not None and epoch_kl and np.mean(epoch_kl) > target:
                 stopped = True  # early stop of the remaining epochs
         out = {k: (max(v) if k == "policy/ratio_max" else float(np.mean(v))) for k, v in stats.items()}
         # before any step of this iteration the policy is the one that sampled: 1 up to rounding (docs/ppo.md)
-        out["policy/ratio_first_minibatch"] = stats["policy/ratio_mean"][0]
+        out["policy/ratio_first_minibatch"] = stats["policy/ratio_mean"][0] if stats else float("nan")
         out["policy/epochs"] = float(epochs)
         out["policy/optimizer_steps"] = float(steps if train_policy else 0)
         out["policy/skipped_minibatches"] = float(np.sum(stats.get("policy/skipped_minibatches", [0.0])))
+        out["policy/skipped_nonfinite"] = float(nonfinite)
+        self.update_usable = steps > 0 or nonfinite == 0  # "nothing usable": every step lost to NaN/inf
         return out
+
+    def _accumulate(self, ro: Rollout, rows: torch.Tensor, train_policy: bool) -> dict[str, float] | None:
+        """Backward of one minibatch's micro-batches, gradients left for the step. -> its stats (micro-batch
+        terms are shares of the minibatch's value: they add up, the max excepted), or None when the minibatch
+        holds no valid sample or a micro-batch's loss is NaN/inf (the gradients so far are then garbage)."""
+        c = self.config
+        mask = ro.loss_mask[rows]
+        if not mask.any():
+            return None
+        denominator = loss_denominator(mask, c.ppo.loss_normalization)
+        mb_stats: dict[str, float] = {}
+        for m in range(0, len(rows), c.micro_batch_size):
+            terms, micro_stats = self.loss_terms(ro, rows[m : m + c.micro_batch_size], denominator)
+            loss = self.total_loss(terms, train_policy)
+            if not torch.isfinite(loss):
+                self._warn_once("step", f"iteration {self.iteration}: loss is {loss.item()} (policy loss "
+                                        f"{terms['policy'].item()}); the optimizer step was skipped (counted as "
+                                        "policy/skipped_nonfinite); warned once")
+                return None
+            loss.backward()
+            for k, v in {**{f"loss/{k}": v for k, v in terms.items()}, **micro_stats}.items():
+                mb_stats[k] = max(mb_stats.get(k, 0.0), v.item()) if k == "policy/ratio_max" \
+                    else mb_stats.get(k, 0.0) + v.item()
+        return mb_stats
 
     def _step(self, skip: bool, train_policy: bool) -> float:
         """Clip and step the critic, and the policy unless the critic is warming up (then its weights and LR
-        schedule stand still); `skip` advances the schedules without stepping. -> the policy's gradient norm.
+        schedule stand still); `skip` advances the schedules without stepping, and so does a NaN/inf gradient
+        norm (AdamW's moments and step count stay as they were). -> the policy's gradient norm (NaN/inf: skipped).
         A head on the policy trunk is clipped with the trunk, as one model; a separate critic on its own."""
         critic_params = self.critic.parameters()
         on_trunk = self.critic.policy_head is not None
-        grad_norm = 0.0
+        grad_norm, finite = 0.0, True
         if not skip:
             if train_policy:
                 grad_norm = self._clip(self.policy_params + (critic_params if on_trunk else []))
-                self.policy_opt.step()
             if critic_params and not (train_policy and on_trunk):
-                self._clip(critic_params)
-        if train_policy:
-            self.policy_sched.step()
-        self.critic.step(active=not skip)
+                critic_norm = self._clip(critic_params)
+                if not math.isfinite(critic_norm):
+                    grad_norm = critic_norm  # reported as the skip's cause
+            finite = math.isfinite(grad_norm)
+            if train_policy and finite:
+                self.policy_opt.step()
+        with warnings.catch_warnings():  # a skipped first step advances a schedule before any optimizer.step()
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            if train_policy:
+                self.policy_sched.step()
+            self.critic.step(active=not skip and finite)
         self._zero_grad()
         return grad_norm
 
@@ -373,20 +436,24 @@ class PPOTrainer:
     def rollout_metrics(self, ro: Rollout) -> dict[str, float]:
         from rlhflab.data.diversity import distinct_n
 
-        c, mask = self.config, ro.gen.response_mask
-        per_answer = {k: v.sum(1) for k, v in ro.kl.items()}  # (B,) nats per answer
+        # means over the B' samples the update learns from; NaN when there are none
+        c, mask, valid, nan = self.config, ro.loss_mask, ro.valid, float("nan")
+        per_answer = {k: v.sum(1)[valid] for k, v in ro.kl.items()}  # (B',) nats per answer
         kl_used = per_answer[c.ppo.optimized_kl_estimator]
+        raw = ro.raw_scores[valid]  # (B',)
+        some = bool(valid.any())
         m = {
-            "objective/scores": ro.raw_scores.mean().item(),
-            "objective/scores_std": ro.raw_scores.std().item() if len(ro.raw_scores) > 1 else 0.0,
-            "objective/kl": kl_used.mean().item(),
-            "objective/kl_k1": per_answer["k1"].mean().item(),
-            "objective/kl_k2": per_answer["k2"].mean().item(),
-            "objective/kl_k3": per_answer["k3"].mean().item(),
+            "objective/scores": raw.mean().item() if some else nan,
+            "objective/scores_std": raw.std().item() if len(raw) > 1 else 0.0,
+            "objective/kl": kl_used.mean().item() if some else nan,
+            "objective/kl_k1": per_answer["k1"].mean().item() if some else nan,
+            "objective/kl_k2": per_answer["k2"].mean().item() if some else nan,
+            "objective/kl_k3": per_answer["k3"].mean().item() if some else nan,
             "objective/kl_coef": self.kl_coef,
-            "objective/rlhf_reward": (ro.raw_scores - self.kl_coef * kl_used).mean().item(),
-            "objective/entropy": masked_mean(ro.gen.entropy, mask).item() if ro.gen.entropy is not None else float("nan"),
-            "policy/advantage_var": masked_var(ro.advantages, mask).item(),
+            "objective/rlhf_reward": (raw - self.kl_coef * kl_used).mean().item() if some else nan,
+            "objective/entropy": (masked_mean(ro.gen.entropy, mask).item()
+                                  if some and ro.gen.entropy is not None else nan),
+            "policy/advantage_var": masked_var(ro.advantages, mask).item() if some else nan,
             "policy/lr": self.policy_sched.get_last_lr()[0],
             "rollout/response_length": mask.sum(1).mean().item(),
             "rollout/eos_rate": ro.gen.has_eos.float().mean().item(),
@@ -394,10 +461,14 @@ class PPOTrainer:
             "diversity/distinct_2": distinct_n(ro.gen.texts, 2),
         }
         if ro.values is not None:
-            m["value/explained_variance"] = explained_variance(ro.values, ro.returns, mask).item()
-            m["value/mean"] = masked_mean(ro.values, mask).item()
+            m["value/explained_variance"] = explained_variance(ro.values, ro.returns, mask).item() if some else nan
+            m["value/mean"] = masked_mean(ro.values, mask).item() if some else nan
+        keep = valid.cpu().numpy()
         for name, values in ro.components.items():
-            m[f"reward/{name}"] = float(np.mean(values))
+            m[f"reward/{name}"] = float(np.mean(np.asarray(values)[keep])) if some else nan
+        reward_finite = torch.isfinite(ro.raw_scores)
+        m["reward/nonfinite"] = float((~reward_finite).sum())  # samples left out for a NaN/inf reward
+        m["policy/nonfinite_advantages"] = float((reward_finite & ~valid).sum())  # ... for a NaN/inf advantage
         return m
 
     def _sample_rows(self, ro: Rollout) -> list[dict]:
@@ -417,9 +488,11 @@ class PPOTrainer:
         t1 = time.perf_counter()
         metrics = {**self.rollout_metrics(ro), **ro.timings}
         metrics.update(self.update(ro))  # stage 5
+        usable = bool(ro.valid.any()) and self.update_usable
+        self.nonfinite_streak = 0 if usable else self.nonfinite_streak + 1
         t2 = time.perf_counter()
         # 6. record
-        if c.ppo.adaptive_kl_target is not None:
+        if c.ppo.adaptive_kl_target is not None and math.isfinite(metrics["objective/kl"]):
             self.kl_coef = adaptive_kl_coef(self.kl_coef, metrics["objective/kl"], c.ppo.adaptive_kl_target,
                                               c.ppo.adaptive_kl_horizon, c.rollout_batch_size)
         tokens = int(ro.gen.attention_mask.sum())
@@ -432,9 +505,24 @@ class PPOTrainer:
             on_row({"iteration": self.iteration, **metrics})
         if c.log.sample_every and self.iteration % c.log.sample_every == 0:
             tracker.log_samples(self._sample_rows(ro))
+        saved = None
         if self.iteration % max(c.train.checkpoint_every, 1) == 0 and c.train.checkpoint_every:
-            self.save()
+            saved = self.save()
+        if self.nonfinite_streak >= c.train.nonfinite_patience:
+            raise NonFiniteAbort(self._nonfinite_cause(ro) + f"; checkpoint at {saved or self.save()}; fix it and "
+                                 f"continue with `rlhflab train --resume {self.run_dir}`")
         return metrics
+
+    def _nonfinite_cause(self, ro: Rollout) -> str:
+        """What left the last of `train.nonfinite_patience` iterations in a row with nothing to learn from."""
+        n, last = self.config.train.nonfinite_patience, f"(last: iteration {self.iteration})"
+        if not torch.isfinite(ro.raw_scores).any():
+            return f"the reward returned NaN/inf for every sample in {n} consecutive iterations {last}"
+        if not ro.valid.any():
+            return (f"the advantages came out NaN/inf for every sample in {n} consecutive iterations {last}: "
+                    "check the critic's values and the KL (lower train.learning_rate)")
+        return (f"every optimizer step had a NaN/inf loss or gradient norm in {n} consecutive iterations {last}: "
+                "lower train.learning_rate or check the reward scale")
 
     # -----------------------------------------------------------------------------------------------
     # checkpoints
@@ -444,6 +532,7 @@ class PPOTrainer:
         state = {
             "iteration": self.iteration,
             "kl_coef": self.kl_coef,
+            "nonfinite_streak": self.nonfinite_streak,
             "policy_opt": optimizer_state(self.policy_opt),
             "policy_sched": self.policy_sched.state_dict(),
             **self.critic.optimizer_state(),
@@ -471,6 +560,7 @@ class PPOTrainer:
             if name in state["extra"]:  # one saved by a script without it (PPOTrainer alone) stays as built
                 obj.load_state_dict(state["extra"][name])
         self.iteration, self.kl_coef = state["iteration"], state["kl_coef"]
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)  # checkpoints from before the counter: 0
         for name in ("metrics.jsonl", "samples.jsonl"):
             truncate_jsonl(self.run_dir / name, self.iteration)
 

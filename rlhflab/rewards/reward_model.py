@@ -45,6 +45,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhflab.config import RewardModelConfig
-from rlhflab.errors import Stopped, UserError
+from rlhflab.errors import NonFiniteAbort, Stopped, UserError
 from rlhflab.files import atomic_dir
 from rlhflab.runs.stopping import StopRequests
 
@@ -356,9 +357,10 @@ def train_reward_model(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / steps))
         generator = torch.Generator().manual_seed(seed)
         model.train()
+        streak = 0  # optimizer steps in a row skipped for a NaN/inf loss or gradient norm
         for epoch in range(1, c.epochs + 1):
             order = torch.randperm(len(train_pairs), generator=generator).tolist()
-            losses, accuracies = [], []
+            losses, accuracies, skipped_pairs = [], [], []  # skipped_pairs: batch sizes of skipped steps
             for start in range(0, len(order), c.batch_size):
                 if stop.requested:  # the model is written whole or not at all: there is no partial one to keep
                     raise Stopped(f"stopped by {stop.signal.name} in epoch {epoch} of {c.epochs}; a reward model "
@@ -369,17 +371,34 @@ def train_reward_model(
                 scores = model(**enc)  # (2b,) chosen first, then rejected
                 loss, accuracy = bradley_terry_loss(scores[: len(batch)], scores[len(batch) :], c.margin)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                losses.append(loss.item() * len(batch))
-                accuracies.append(accuracy.item() * len(batch))
-            row = {"epoch": epoch, "loss": sum(losses) / len(train_pairs),
-                   "accuracy": sum(accuracies) / len(train_pairs)}
+                finite = bool(torch.isfinite(loss))  # a NaN/inf logit makes the loss NaN/inf
+                if finite:
+                    loss.backward()
+                    finite = math.isfinite(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
+                if finite:  # else: no step, AdamW's state untouched; the schedule advances as planned
+                    opt.step()
+                    losses.append(loss.item() * len(batch))
+                    accuracies.append(accuracy.item() * len(batch))
+                    streak = 0
+                else:
+                    skipped_pairs.append(len(batch))
+                    streak += 1
+                    if streak >= c.nonfinite_patience:
+                        raise NonFiniteAbort(
+                            f"reward-model training: the loss or gradient norm was NaN/inf in {streak} consecutive "
+                            f"steps (last: epoch {epoch}); nothing was saved to {out_dir}; lower rm.lr or check "
+                            "the preference data")
+                with warnings.catch_warnings():  # a skipped first step advances the schedule before any opt.step()
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    sched.step()
+            n = max(len(train_pairs) - sum(skipped_pairs), 1)  # the pairs of the steps taken
+            row = {"epoch": epoch, "loss": sum(losses) / n, "accuracy": sum(accuracies) / n,
+                   "skipped_nonfinite": len(skipped_pairs)}
             history.append(row)
             console.print(f"  epoch {epoch}: train loss {row['loss']:.4f}, accuracy {row['accuracy']:.1%} "
-                          f"({time.perf_counter() - started:.0f} s)")
+                          f"({time.perf_counter() - started:.0f} s)"
+                          + (f"; {len(skipped_pairs)} steps skipped for a NaN/inf loss or gradient"
+                             if skipped_pairs else ""))
 
     def evaluate(rows: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
         chosen_texts, rejected_texts = texts(rows)

@@ -1,7 +1,8 @@
 """Stage 2: reward specs → one plain callable ``(prompts, completions, metadata) -> list[float]``.
 
 A reward is any callable that takes three equal-length lists (prompt strings, completion strings, one
-metadata dict per sample) and returns one finite float per completion. :func:`build_reward` turns spec
+metadata dict per sample) and returns one float per completion; a NaN or inf means "no reward" for that
+sample (PPO leaves it out of its update and counts it as ``reward/nonfinite``). :func:`build_reward` turns spec
 strings (``contains:red``, ``length:20:80``, ``python:my_rewards.py:score``, ``hf-classifier:./sst2``,
 ``model:RM_DIR`` for a reward model trained by ``rlhflab rm train``),
 plain callables, or weighted lists of them into a :class:`Reward`: the weighted sum of its components,
@@ -376,7 +377,7 @@ class Reward:
 def _run(
     name: str, fn: RewardFn, prompts: list[str], completions: list[str], metadata: list[dict]
 ) -> list[float]:
-    """Call one component and check it returned one finite float per completion."""
+    """Call one component and check it returned one float per completion (NaN and inf allowed: "no reward")."""
     if not completions:
         return []
     try:
@@ -399,13 +400,7 @@ def _run(
             f"reward {name!r} returned {len(values)} values for {len(completions)} completions: "
             "return one float per completion"
         )
-    for i, value in enumerate(values):
-        if not math.isfinite(value):
-            raise UserError(
-                f"reward {name!r} returned {value} for sample {i} ({_preview(completions[i])}): "
-                "rewards must be finite numbers"
-            )
-    return values
+    return values  # NaN/inf pass through: PPO leaves such a sample out of its update (docs/ppo.md)
 
 
 def _component(spec: Any, base_dir: Path) -> tuple[str, RewardFn]:

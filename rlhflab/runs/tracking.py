@@ -18,6 +18,8 @@ _EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN; None shows the gap instead of breaking the file
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}  # a sample's NaN reward components
     return value
 
 
@@ -101,7 +103,7 @@ class Tracker:
     def log_samples(self, rows: list[dict]) -> None:
         with self.samples_path.open("a") as f:
             for row in rows:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(_jsonable(row)) + "\n")
 
     def close(self) -> None:
         for _, close_fn in self.backends:
