@@ -352,6 +352,15 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict → dotted keys: `{ppo: {kl_coef: 0.1}}` → `{"ppo.kl_coef": 0.1}` (lists stay values)."""
+    flat = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        flat.update(flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return flat
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `dotted.key=value` overrides to a raw recipe dict."""
     for item in overrides:
