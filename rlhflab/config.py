@@ -85,7 +85,7 @@ class RolloutConfig(Section):
 
 class RewardTerm(Section):
     spec: str
-    """A reward spec, e.g. `contains:red`, `vader`, `python:my_rewards.py:score`."""
+    """A reward spec, e.g. `contains:red`, `vader`, `python:my_rewards.py:score`, `http:http://host:8000/score`."""
     weight: float = 1.0
     """Weight in the sum."""
     name: str | None = None
@@ -198,9 +198,9 @@ class LogConfig(Section):
     samples_per_log: int = Field(4, ge=1)
     """Completions written each time."""
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
-    """Extra trackers besides metrics.jsonl."""
+    """Extra trackers besides metrics.jsonl, writing inside the run: tensorboard/, mlflow.db (sqlite), wandb/."""
     project: str = "rlhflab"
-    """Project name for W&B / MLflow."""
+    """Project name for W&B; the experiment name in MLflow."""
     run_name: str | None = None
     """Run name for trackers (None: the run directory's name)."""
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
