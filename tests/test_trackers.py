@@ -135,8 +135,12 @@ def test_resumed_run_continues_its_tracker_runs(tiny_config, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["tensorboard", "wandb", "mlflow"])
-def test_missing_tracker_package_is_one_line_error(tmp_path, monkeypatch, name):
+def test_missing_tracker_package_is_one_line_error(tiny_config, tmp_path, monkeypatch, name):
     monkeypatch.setitem(sys.modules, name, None)  # makes `import name` fail as if it were not installed
     with pytest.raises(UserError) as err:
         Tracker(tmp_path, [name], "p", "r", {})
     assert f"pip install 'rlhflab[{name}]'" in str(err.value) and "\n" not in str(err.value)
+    tiny_config.log.trackers = [name]
+    with pytest.raises(UserError, match=f"rlhflab\\[{name}\\]"):
+        train(tiny_config, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()  # it failed before the run directory, and the model, were made

@@ -12,7 +12,7 @@ from rlhflab.errors import Stopped, UserError
 from rlhflab.evaluation.probes import eval_metrics, evaluate, format_table, load_probes, write_eval
 from rlhflab.runs.checkpoint import latest_checkpoint, remove_partial_checkpoints
 from rlhflab.runs.stopping import StopRequests
-from rlhflab.runs.tracking import truncate_jsonl
+from rlhflab.runs.tracking import require_trackers, truncate_jsonl
 
 
 def _progress():
@@ -42,6 +42,7 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     started = time.perf_counter()
     checkpoint = _start_run_dir(run_dir, resume, console)
     probes = _load_probes(config)  # a bad probe file fails before minutes of model loading
+    require_trackers(config.log.trackers)  # and so does a tracker that is not installed
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")  # first, so --resume works from the earliest kill
     keep_freed_memory()  # large gradient and logit buffers stay in the heap between steps (9 % per iteration)

@@ -63,6 +63,17 @@ def truncate_jsonl(path: Path, after_iteration: int) -> None:
     write_atomic(path, "".join(line + "\n" for line in keep))  # a crash here must not lose the log
 
 
+def require_trackers(trackers: list[str]) -> None:
+    """Import each named tracker's package; a missing one is a UserError naming the extra to install."""
+    for name in trackers:
+        try:
+            importlib.import_module(name)  # each tracker's extra is named after its package
+        except ImportError:
+            raise UserError(
+                f"log.trackers names '{name}' but it is not installed: pip install 'rlhflab[{name}]'"
+            ) from None
+
+
 @contextmanager
 def _quiet_logger(name: str):
     """Hide one library logger's INFO lines for a moment, leaving the process's logging set-up as it was."""
@@ -89,15 +100,9 @@ class Tracker:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.samples_path = run_dir / "samples.jsonl"
-        self.backends = []
-        for name in trackers:
-            try:
-                importlib.import_module(name)  # each tracker's extra is named after its package
-            except ImportError:
-                raise UserError(
-                    f"log.trackers names '{name}' but it is not installed: pip install 'rlhflab[{name}]'"
-                ) from None
-            self.backends.append(getattr(self, f"_open_{name}")(project, run_name, config, start_iteration))
+        require_trackers(trackers)
+        self.backends = [getattr(self, f"_open_{name}")(project, run_name, config, start_iteration)
+                         for name in trackers]
 
     def _open_tensorboard(self, project, run_name, config, start):
         from torch.utils.tensorboard import SummaryWriter
