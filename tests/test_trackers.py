@@ -3,6 +3,8 @@ metrics (as in metrics.jsonl) and the run's config; a resumed run continues its 
 steps (TensorBoard, MLflow); a missing package is a one-line error naming the extra."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,7 +12,7 @@ import textwrap
 import pytest
 import yaml
 
-from rlhflab.errors import UserError
+from rlhflab.errors import Stopped, UserError
 from rlhflab.pipelines.train import train
 from rlhflab.runs.tracking import Tracker
 
@@ -132,6 +134,18 @@ def test_resumed_run_continues_its_tracker_runs(tiny_config, tmp_path):
     assert steps == [1, 2, 3, 3, 4]  # MLflow keeps every value: iteration 3 from before the kill, and again
     ids = {path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")}
     assert len(ids) == 1
+
+
+def test_a_signal_ends_the_tracker_runs_killed(tiny_config, tmp_path):
+    def sigterm_in_iteration_1(prompts, completions, metadata):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; the run stops after this iteration
+        return [1.0] * len(completions)
+
+    tiny_config.log.trackers = ["mlflow"]
+    with pytest.raises(Stopped):
+        train(tiny_config, tmp_path / "run", quiet=True, reward=sigterm_in_iteration_1)
+    _, runs = _mlflow_runs(tmp_path / "run")
+    assert [r.info.status for r in runs] == ["KILLED"]
 
 
 @pytest.mark.parametrize("name", ["tensorboard", "wandb", "mlflow"])
