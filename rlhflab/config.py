@@ -85,7 +85,7 @@ class RolloutConfig(Section):
 
 class RewardTerm(Section):
     spec: str
-    """A reward spec, e.g. `contains:red`, `vader`, `python:my_rewards.py:score`."""
+    """A reward spec, e.g. `contains:red`, `vader`, `python:my_rewards.py:score`, `http:http://host:8000/score`."""
     weight: float = 1.0
     """Weight in the sum."""
     name: str | None = None
@@ -200,9 +200,9 @@ class LogConfig(Section):
     samples_per_log: int = Field(4, ge=1)
     """Completions written each time."""
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
-    """Extra trackers besides metrics.jsonl."""
+    """Extra trackers besides metrics.jsonl, writing inside the run: tensorboard/, mlflow.db (sqlite), wandb/."""
     project: str = "rlhflab"
-    """Project name for W&B / MLflow."""
+    """Project name for W&B; the experiment name in MLflow."""
     run_name: str | None = None
     """Run name for trackers (None: the run directory's name)."""
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
@@ -354,6 +354,15 @@ def parse_value(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict → dotted keys: `{ppo: {kl_coef: 0.1}}` → `{"ppo.kl_coef": 0.1}` (lists stay values)."""
+    flat = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        flat.update(flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return flat
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import matplotlib as mpl
 
-from rlhflab.config import PPOConfig
+from rlhflab.config import PPOConfig, flatten
 from rlhflab.errors import UserError
 from rlhflab.evaluation.document import (
     Details,
@@ -32,7 +32,6 @@ from rlhflab.evaluation.document import (
     Stats,
     Table,
     Text,
-    flatten,
     fmt,
     render_html,
     render_markdown,

@@ -74,15 +74,6 @@ class Document:
     blocks: list[Block] = field(default_factory=list)
 
 
-def flatten(mapping: dict, prefix: str = "") -> dict[str, object]:
-    """Nested config -> {"ppo.kl_coef": 0.05, ...} (lists kept as leaves)."""
-    flat = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        flat.update(flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
-    return flat
-
-
 
 # ------------------------------------------------------------------------------------------ rendering
 

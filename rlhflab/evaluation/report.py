@@ -24,6 +24,7 @@ from pathlib import Path
 import matplotlib as mpl
 import yaml
 
+from rlhflab.config import flatten
 from rlhflab.errors import UserError
 from rlhflab.evaluation.document import (
     Block,
@@ -35,7 +36,6 @@ from rlhflab.evaluation.document import (
     Stats,
     Table,
     Text,
-    flatten,
     fmt,
     render_html,
     render_markdown,

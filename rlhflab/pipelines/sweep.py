@@ -36,7 +36,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from rlhflab.config import Config, load_config, read_yaml, validated
+from rlhflab.config import Config, flatten, load_config, read_yaml, validated
 from rlhflab.errors import Stopped, UserError
 from rlhflab.files import write_json_atomic
 from rlhflab.runs.checkpoint import latest_checkpoint
@@ -100,22 +100,13 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     raw = read_yaml(path, "sweep file")
     sweep = validated(Sweep, raw, str(path))
-    settings = flatten_settings(sweep.set)
+    settings = flatten(sweep.set)
     if SEED_KEY in sweep.grid or SEED_KEY in settings:
         raise UserError(f"{path}: set seeds with `seeds: [...]`, not with '{SEED_KEY}' in grid or set")
     both = sorted(set(sweep.grid) & set(settings))
     if both:
         raise UserError(f"{path}: '{both[0]}' is in both grid and set; keep it in one of them")
     return sweep
-
-
-def flatten_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{ppo: {kl_coef: 0.1}, train.iterations: 5}` → `{"ppo.kl_coef": 0.1, "train.iterations": 5}`."""
-    flat = {}
-    for key, value in settings.items():
-        name = f"{prefix}{key}"
-        flat.update(flatten_settings(value, f"{name}.") if isinstance(value, dict) else {name: value})
-    return flat
 
 
 def format_value(value: Any) -> str:
@@ -148,7 +139,7 @@ def plan_runs(path: str | Path) -> tuple[Sweep, list[PlannedRun]]:
     if not recipe.is_file():
         raise UserError(f"{path}: recipe '{sweep.recipe}' not found (looked for {recipe}); "
                         "the recipe path is relative to the sweep file")
-    common = [_as_override(k, v) for k, v in flatten_settings(sweep.set).items()]
+    common = [_as_override(k, v) for k, v in flatten(sweep.set).items()]
     keys = list(sweep.grid)
     runs: list[PlannedRun] = []
     for seed in sweep.seeds:

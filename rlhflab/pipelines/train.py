@@ -12,7 +12,7 @@ from rlhflab.errors import Stopped, UserError
 from rlhflab.evaluation.probes import eval_metrics, evaluate, format_table, load_probes, write_eval
 from rlhflab.runs.checkpoint import latest_checkpoint, remove_partial_checkpoints
 from rlhflab.runs.stopping import StopRequests
-from rlhflab.runs.tracking import truncate_jsonl
+from rlhflab.runs.tracking import require_trackers, truncate_jsonl
 
 
 def _progress():
@@ -43,6 +43,7 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     started = time.perf_counter()
     checkpoint = _start_run_dir(run_dir, resume, console)
     probes = _load_probes(config)  # a bad probe file fails before minutes of model loading
+    require_trackers(config.log.trackers)  # and so does a tracker that is not installed
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")  # first, so --resume works from the earliest kill
     keep_freed_memory()  # large gradient and logit buffers stay in the heap between steps (9 % per iteration)
@@ -59,7 +60,8 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
             truncate_jsonl(run_dir / name, 0)
     console.print(trainer.precision.log_line)
     c = config
-    tracker = Tracker(run_dir, c.log.trackers, c.log.project, c.log.run_name or run_dir.name, c.model_dump(mode="json"))
+    tracker = Tracker(run_dir, c.log.trackers, c.log.project, c.log.run_name or run_dir.name, c.model_dump(mode="json"),
+                      start_iteration=trainer.iteration)
     console.print(f"model loaded in {time.perf_counter() - started:.0f} s; training {c.train.iterations} iterations "
                   f"of {c.rollout_batch_size} samples → {run_dir}")
     probe_hook = _probe_hook(probes, c) if probes is not None and c.eval.every > 0 else None
@@ -69,6 +71,7 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
             console.print(f"[yellow]warning[/]: {note.message} — likely cause: {note.cause}; fix: {note.fix}")
 
     stop = StopRequests("the current iteration")
+    status = "FAILED"  # what the trackers' runs end as, unless the loop gets through
     try:
         with stop, _progress() if not quiet else _NoProgress() as progress:
             task = progress.add_task("train", total=c.train.iterations, completed=trainer.iteration, status="")
@@ -78,8 +81,12 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
                     f"reward {m['objective/scores']:.3f}  KL {m['objective/kl']:.2f}  {m['time/iteration']:.1f} s/it"))
         if c.train.checkpoint_every == 0 or trainer.iteration % c.train.checkpoint_every:
             trainer.save()  # the last iteration reached, also when stopped by a signal
+        status = "KILLED" if stop.requested else "FINISHED"
+    except KeyboardInterrupt:  # a second Ctrl-C
+        status = "KILLED"
+        raise
     finally:
-        tracker.close()
+        tracker.close(status)
     if stop.requested:
         saved = "checkpoint saved" if trainer.iteration else "nothing to save yet"
         raise Stopped(f"stopped by {stop.signal.name} at iteration {trainer.iteration} of {c.train.iterations}; "

@@ -4,7 +4,7 @@ A reward is any callable that takes three equal-length lists (prompt strings, co
 metadata dict per sample) and returns one float per completion; a NaN or inf means "no reward" for that
 sample (PPO leaves it out of its update and counts it as ``reward/nonfinite``). :func:`build_reward` turns spec
 strings (``contains:red``, ``length:20:80``, ``python:my_rewards.py:score``, ``hf-classifier:./sst2``,
-``model:RM_DIR`` for a reward model trained by ``rlhflab rm train``),
+``model:RM_DIR`` for a reward model trained by ``rlhflab rm train``, ``http:URL`` for a reward server),
 plain callables, or weighted lists of them into a :class:`Reward`: the weighted sum of its components,
 which also reports each component's unweighted values for the ``reward/<name>`` metrics.
 """
@@ -327,6 +327,16 @@ def _build_model(arg: str | None, base_dir: Path) -> tuple[str, RewardFn]:
     return "reward_model", load_reward_model(path)
 
 
+def _build_http(arg: str | None, base_dir: Path) -> tuple[str, RewardFn]:
+    """http:URL[#timeout=S&retries=N] — a reward server; the request and answer are in rewards/remote.py."""
+    from rlhflab.rewards.remote import HttpReward
+
+    try:
+        return "http", HttpReward(arg or "")
+    except ValueError as exc:
+        raise _SpecError(str(exc)) from None
+
+
 _BUILDERS: dict[str, Callable[[str | None, Path], tuple[str, RewardFn]]] = {
     "contains": _build_contains,
     "regex": _build_regex,
@@ -338,6 +348,7 @@ _BUILDERS: dict[str, Callable[[str | None, Path], tuple[str, RewardFn]]] = {
     "python": _build_python,
     "hf-classifier": _build_hf,
     "model": _build_model,
+    "http": _build_http,
 }
 
 
