@@ -3,7 +3,7 @@ served elsewhere), one POST per batch. The stdlib's urllib is the client: nothin
 
 Request: `POST URL` with JSON `{"prompts": [str], "completions": [str], "metadata": [dict]}` (equal lengths).
 Response: JSON `{"rewards": [float]}`, one per completion, in order; `specs.build_reward` checks them like a
-`python:` reward's (count, numbers, finite).
+`python:` reward's (count, numbers; NaN/inf means "no reward" for that sample).
 
 Options go after `#` in the URL (a fragment is never sent to the server): `timeout=SECONDS` per attempt
 (default 30), `retries=N` (default 3). Connection errors, timeouts, HTTP 429 and 5xx are retried N times with
