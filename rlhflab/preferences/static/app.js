@@ -17,7 +17,8 @@ function render(state) {
   pair = state.pair;
   const p = state.progress;
   const others = Object.entries(p.by_labeler).map(([name, n]) => `${name} ${n}`).join(", ") || "none yet";
-  $("progress").textContent = `${p.labeler}: ${p.labeled} labeled, ${p.left} left of ${p.total} · by labeler: ${others}`;
+  $("progress").textContent =
+    `${p.labeler}: ${p.labeled} labeled, ${p.left} left of ${p.total} · by labeler: ${others}`;
   $("work").hidden = pair === null;
   $("done").hidden = pair !== null;
   if (pair !== null) {
@@ -76,6 +77,7 @@ function start(name) {
   if (!labeler) return;
   localStorage.setItem("rlhflab.labeler", labeler);
   $("labeler").value = labeler;
+  $("labeler").blur();  // keys label from here on, they no longer type into the name
   run(async () => {
     render(await call(`api/state?labeler=${encodeURIComponent(labeler)}`));
     say(`labeling as ${labeler}`, "ready");
