@@ -65,9 +65,12 @@ def served(db: Path):
     proc = subprocess.Popen([sys.executable, "-m", "rlhflab", "prefs", "serve", "--db", str(db), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
     try:
-        line = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:\d+/[\w-]+/", line)
-        assert match, f"no URL printed: {line!r}{proc.stdout.read() if proc.poll() is not None else ''}"
+        printed = []
+        for line in proc.stdout:  # until the URL line (or the end, when the server failed to start)
+            printed.append(line)
+            if match := re.search(r"http://127\.0\.0\.1:\d+/[\w-]+/", line):
+                break
+        assert match, f"no URL printed: {''.join(printed)}"
         yield proc, match[0]
     finally:
         proc.kill()
@@ -187,18 +190,20 @@ def in_thread(db: Path):
         thread.join()
 
 
-def test_no_path_outside_the_pages_own_files_is_served(tmp_path):
+def test_no_path_outside_the_pages_own_files_is_served_nor_a_foreign_host(tmp_path):
     """Raw paths sent as written (http.client does not normalise `..`) to a real server."""
     with in_thread(make_store(tmp_path)) as url:
         parts = urlsplit(url)
 
-        def get(path: str) -> tuple[int, bytes]:
+        def get(path: str, headers: dict | None = None) -> tuple[int, bytes]:
             connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-            connection.request("GET", path)
+            connection.request("GET", path, headers=headers or {})
             response = connection.getresponse()
             return response.status, response.read()
 
         assert get(f"/{TOKEN}/static/app.js")[0] == 200
+        assert get(f"/{TOKEN}/", {"Host": "evil.example"})[0] == 403
+        assert get(f"/{TOKEN}/", {"Origin": "http://evil.example"})[0] == 403
         for path, status in [
             ("/static/../../etc/passwd", 403),
             ("/%2e%2e/%2e%2e/etc/passwd", 403),
@@ -268,6 +273,14 @@ def test_serve_refuses_a_missing_db_and_a_busy_port_in_one_line(tmp_path):
     assert "cannot listen on 127.0.0.1:" in busy.output and "pick another --port" in busy.output
 
 
+def test_ctrl_c_stops_the_server_cleanly(tmp_path):
+    with served(make_store(tmp_path)) as (proc, url):
+        assert httpx.get(url, timeout=30).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped; the labels are in" in proc.stdout.read()
+
+
 # -- the page in a real browser ------------------------------------------------------------------------------
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -280,7 +293,7 @@ def test_labeling_page_in_headless_chromium_by_keyboard_and_click_with_undo(tmp_
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install -e '.[test]'")
     expect = sync_api.expect
     db = make_store(tmp_path)
-    with served(db) as (_, url), sync_api.sync_playwright() as playwright:
+    with served(db) as (proc, url), sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 330})
@@ -314,8 +327,20 @@ def test_labeling_page_in_headless_chromium_by_keyboard_and_click_with_undo(tmp_
             expect(prompt).to_have_text(PAIRS[2][0])
             page.unroute("**/api/label")
 
+            # While the label is in flight the page says "saving", takes no other label, and stays on its pair.
+            held = []
+            page.route("**/api/label", lambda route: held.append(route))
             page.get_by_role("button", name="skip").click()
+            while not held:
+                page.wait_for_timeout(20)
+            expect(status).to_have_text("saving pair 3 = skip…")
+            page.keyboard.press("b")
+            expect(page.get_by_role("button", name="skip")).to_be_disabled()
+            expect(prompt).to_have_text(PAIRS[2][0])
+            assert choices(db, "ana") == {1: "a", 2: "b"}
+            held[0].continue_()
             then("saved: pair 3 = skip", 3)
+            page.unroute("**/api/label")
             page.keyboard.press("b")
             then("saved: pair 4 = b", 4)
 
@@ -337,6 +362,8 @@ def test_labeling_page_in_headless_chromium_by_keyboard_and_click_with_undo(tmp_
             page.keyboard.press("b")
             expect(status).to_have_text("saved: pair 6 = b")
             expect(page.locator("#done")).to_be_visible()
+            os.kill(proc.pid, signal.SIGKILL)  # what the pages showed as saved must be on disk now
+            proc.wait()
         finally:
             browser.close()
     assert choices(db, "ana") == {1: "a", 2: "b", 3: "skip", 4: "b", 5: "a", 6: "b"}

@@ -200,4 +200,8 @@ def serve(db: str | Path, port: int, echo: Callable[[str], None] = print) -> Non
     port = sock.getsockname()[1]
     config = uvicorn.Config(create_app(db, token), log_level="warning", proxy_headers=False, server_header=False)
     echo(f"labeling page: http://127.0.0.1:{port}/{token}/  (Ctrl-C stops; every label shown as saved is on disk)")
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C: for a server, the way to stop
+        pass
+    echo(f"stopped; the labels are in {db}")
