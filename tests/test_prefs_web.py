@@ -273,6 +273,14 @@ def test_serve_refuses_a_missing_db_and_a_busy_port_in_one_line(tmp_path):
     assert "cannot listen on 127.0.0.1:" in busy.output and "pick another --port" in busy.output
 
 
+def test_serve_without_the_web_extra_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "rlhflab.preferences.web")
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: importing it raises ImportError
+    result = CliRunner().invoke(prefs_app, ["serve", "--db", str(make_store(tmp_path))])
+    assert result.exit_code == 2
+    assert "prefs serve needs the web extra (uvicorn is missing): pip install 'rlhflab[web]'" in result.output
+
+
 def test_ctrl_c_stops_the_server_cleanly(tmp_path):
     with served(make_store(tmp_path)) as (proc, url):
         assert httpx.get(url, timeout=30).status_code == 200
