@@ -12,14 +12,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from rlhflab.errors import user_errors
+from rlhflab.errors import UserError, user_errors
 from rlhflab.preferences.io import export_jsonl, import_jsonl
 from rlhflab.preferences.judge import judge_pending
 from rlhflab.preferences.label import run_session
 from rlhflab.preferences.store import PreferenceStore, Stats
 
 prefs_app = typer.Typer(
-    help="Collect A/B preferences durably: import, label in the terminal, judge with a reward, export for TRL.",
+    help="Collect A/B preferences durably: import, label (terminal or browser), judge with a reward, export for TRL.",
     no_args_is_help=True,
 )
 
@@ -82,6 +82,20 @@ def label_cmd(
     """Label pending pairs: a, b, t (tie), s (skip), u (undo last), q (quit); one key per line, pipes work."""
     with PreferenceStore(db, create=False) as store:
         run_session(store, labeler or _default_labeler(), sys.stdin, Console())
+
+
+@prefs_app.command("serve")
+@user_errors
+def serve_cmd(
+    db: DbOption,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1; 0 picks a free one.")] = 8765,
+) -> None:
+    """Label in a browser: serves a page on 127.0.0.1 and prints its URL (with an access token); Ctrl-C stops."""
+    try:
+        from rlhflab.preferences.web import serve  # lazy: the web extra is optional
+    except ImportError as e:
+        raise UserError(f"prefs serve needs the web extra ({e.name} is missing): pip install 'rlhflab[web]'") from None
+    serve(db, port, echo=typer.echo)
 
 
 @prefs_app.command("judge")

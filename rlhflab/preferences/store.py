@@ -98,6 +98,7 @@ _SQL = {
     "all_pairs": f"SELECT {_PAIR_COLUMNS} {_PAIR_JOINS} ORDER BY p.id",
     "count_pairs": "SELECT COUNT(*) FROM pairs",
     "count_labeled_by": "SELECT COUNT(*) FROM comparisons WHERE labeler = ?",
+    "count_by_labeler": "SELECT labeler, COUNT(*) FROM comparisons GROUP BY labeler ORDER BY labeler",
     "insert_comparison": "INSERT INTO comparisons (pair_id, labeler, choice, created_at, note) "
     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (pair_id, labeler) DO NOTHING",
     "comparison_of": "SELECT id, pair_id, labeler, choice, created_at, note FROM comparisons "
@@ -463,6 +464,10 @@ class PreferenceStore:
     def count_labeled(self, labeler: str) -> int:
         """Pairs this labeler has a comparison for (skips included)."""
         return self._db.execute(_SQL["count_labeled_by"], (labeler,)).fetchone()[0]
+
+    def count_labeled_by_labeler(self) -> dict[str, int]:
+        """Comparisons per labeler (skips included), by name; one query, cheap enough to run per request."""
+        return dict(self._db.execute(_SQL["count_by_labeler"]).fetchall())
 
     def comparisons(self, *, pair_id: int | None = None, labeler: str | None = None) -> list[Comparison]:
         """Comparisons in the order they were made, optionally for one pair and/or one labeler."""
