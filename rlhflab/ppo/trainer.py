@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rlhflab.config import Config
-from rlhflab.data.prompts import PromptSampler, load_prompts, render_prompt, resolve_prompt_format
+from rlhflab.data.prompts import GroupSampler, load_prompts, render_prompt, resolve_prompt_format
 from rlhflab.errors import UserError
 from rlhflab.models.forward import ValueHead, forward_response
 from rlhflab.models.loading import (
@@ -43,6 +43,7 @@ from rlhflab.ppo.advantages import (
     shape_rewards,
 )
 from rlhflab.ppo.critic import Critic, SeparateCritic, SharedHeadCritic, critic_from_reward_model
+from rlhflab.ppo.groups import behaviour_detector, group_metrics, group_rewards, mode_share, per_sample, score_groups
 from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
 from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss
 from rlhflab.ppo.rollout import Rollout, forward_answers, generate
@@ -75,17 +76,19 @@ class PPOTrainer:
         self.precision = resolve_precision(c.model.dtype, self.device)
         self.dtype = self.precision.param_dtype
 
-        # reward first: a broken spec should fail before minutes of model loading
-        from rlhflab.rewards.specs import build_reward
-
-        self.reward = build_reward(reward if reward is not None else c.reward.spec)
-        self.prompts = load_prompts(c.data.prompts)
+        # rewards first: a broken spec should fail before minutes of model loading
+        self.groups = c.prompt_groups
+        self.rewards = group_rewards(self.groups, c.reward.spec, reward)  # one per group, None: no task reward
+        self.behaviour = behaviour_detector(c.data.behaviour, self.rewards)
+        per_group = [load_prompts(g.prompts) for g in self.groups]
+        self.prompts = [p for prompts in per_group for p in prompts]
+        self.group_of = [g for g, prompts in enumerate(per_group) for _ in prompts]  # prompt index -> group
 
         self.tokenizer = load_tokenizer(c.model.name)
         self.prompt_format = resolve_prompt_format(self.tokenizer, c.model.prompt_format, c.model.name)
         self.prompt_texts = [render_prompt(p, self.tokenizer, self.prompt_format, c.model.system_prompt)
                              for p in self.prompts]
-        self.sampler = PromptSampler(len(self.prompts), c.data.shuffle, self.seed)
+        self.sampler = GroupSampler([len(p) for p in per_group], c.group_prompt_counts(), c.data.shuffle, self.seed)
 
         self.policy, self.ref_model = self._build_policy_and_reference()
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -194,7 +197,8 @@ class PPOTrainer:
     def collect(self) -> Rollout:
         """Stages 1-4: rollout, score, KL-shaped rewards, advantages."""
         c = self.config
-        idx = [i for i in self.sampler.draw(c.rollout.prompts_per_iteration) for _ in range(c.rollout.samples_per_prompt)]
+        idx = [i for i in self.sampler.draw() for _ in range(c.rollout.samples_per_prompt)]
+        groups = [self.group_of[i] for i in idx]
         t0 = time.perf_counter()
         # 1. rollout
         with self.precision.autocast():
@@ -205,7 +209,7 @@ class PPOTrainer:
         # 2. score
         prompts = [self.prompts[i].display for i in idx]
         metadata = [dict(self.prompts[i].metadata) for i in idx]
-        total, components = self.reward.score(prompts, gen.texts, metadata)
+        total, components = score_groups(self.rewards, groups, prompts, gen.texts, metadata)
         raw = torch.tensor(total, dtype=torch.float32, device=self.device)
         scores = self._normalize_scores(raw, gen.has_eos.to(self.device))
         t2 = time.perf_counter()
@@ -217,6 +221,10 @@ class PPOTrainer:
         kl = kl_estimators(gen.logprobs, ref_logprobs)
         kl = {k: v * mask for k, v in kl.items()}
         ro = Rollout(gen, prompts, metadata, scores, raw, components, ref_logprobs, values, kl)
+        ro.group_ids = torch.tensor(groups, device=self.device)
+        ro.kl_scale = per_sample([g.kl_scale for g in self.groups], ro.group_ids)
+        if self.behaviour is not None:
+            ro.behaviour = torch.tensor(self.behaviour(prompts, gen.texts, metadata), device=self.device)
         ro.timings = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forwards": time.perf_counter() - t2}
         # 4. advantages
         self._advantages(ro)
@@ -224,7 +232,7 @@ class PPOTrainer:
 
     def _advantages(self, ro: Rollout) -> None:
         c, mask = self.config, ro.gen.response_mask
-        kl_in_reward = self.kl_coef if c.ppo.kl_in == "reward" else 0.0
+        kl_in_reward = self.kl_coef * ro.kl_scale if c.ppo.kl_in == "reward" else 0.0  # (B,) β per answer
         kl = ro.kl[c.ppo.optimized_kl_estimator]
         if c.ppo.advantage_estimator == "gae":
             ro.rewards = shape_rewards(ro.scores, kl, mask, kl_in_reward)
@@ -261,7 +269,7 @@ class PPOTrainer:
         stats.update({f"policy/{k}": v for k, v in pg.items()})
         if c.ppo.kl_in == "loss":
             kl = kl_estimators(out.logprobs, ro.ref_logprobs[rows, :t])[c.ppo.optimized_kl_estimator]  # (b, T')
-            terms["kl"] = masked_sum(kl, w)
+            terms["kl"] = masked_sum(kl * ro.kl_scale[rows, None], w)  # β · kl_scale per answer (total_loss: β)
         if out.entropy is not None:
             terms["entropy"] = masked_sum(out.entropy, w)
         with self.precision.autocast():
@@ -379,12 +387,13 @@ class PPOTrainer:
         m = {
             "objective/scores": ro.raw_scores.mean().item(),
             "objective/scores_std": ro.raw_scores.std().item() if len(ro.raw_scores) > 1 else 0.0,
+            "objective/scores_mode_share": mode_share(ro.raw_scores.tolist()),
             "objective/kl": kl_used.mean().item(),
             "objective/kl_k1": per_answer["k1"].mean().item(),
             "objective/kl_k2": per_answer["k2"].mean().item(),
             "objective/kl_k3": per_answer["k3"].mean().item(),
             "objective/kl_coef": self.kl_coef,
-            "objective/rlhf_reward": (ro.raw_scores - self.kl_coef * kl_used).mean().item(),
+            "objective/rlhf_reward": (ro.raw_scores - self.kl_coef * ro.kl_scale * kl_used).mean().item(),
             "objective/entropy": masked_mean(ro.gen.entropy, mask).item() if ro.gen.entropy is not None else float("nan"),
             "policy/advantage_var": masked_var(ro.advantages, mask).item(),
             "policy/lr": self.policy_sched.get_last_lr()[0],
@@ -397,13 +406,16 @@ class PPOTrainer:
             m["value/explained_variance"] = explained_variance(ro.values, ro.returns, mask).item()
             m["value/mean"] = masked_mean(ro.values, mask).item()
         for name, values in ro.components.items():
-            m[f"reward/{name}"] = float(np.mean(values))
+            m[f"reward/{name}"] = float(np.mean([v for v in values if v is not None]))
+        if c.data.groups:
+            m.update(group_metrics([g.name for g in self.groups], ro.group_ids, ro.raw_scores, kl_used,
+                                   mask.sum(1), ro.behaviour))
         return m
 
     def _sample_rows(self, ro: Rollout) -> list[dict]:
         n = min(self.config.log.samples_per_log, len(ro.prompts))
         return [{"iteration": self.iteration, "prompt": ro.prompts[i], "completion": ro.gen.texts[i],
-                 "score": ro.raw_scores[i].item(), "components": {k: v[i] for k, v in ro.components.items()}}
+                 "score": ro.raw_scores[i].item(), "components": {k: v[i] for k, v in ro.components.items() if v[i] is not None}}
                 for i in range(n)]
 
     def iteration_step(self, tracker: Tracker, extra_metrics: Callable[["PPOTrainer"], dict] | None = None,

@@ -3,7 +3,7 @@
 A reward is any callable that takes three equal-length lists (prompt strings, completion strings, one
 metadata dict per sample) and returns one finite float per completion. :func:`build_reward` turns spec
 strings (``contains:red``, ``length:20:80``, ``python:my_rewards.py:score``, ``hf-classifier:./sst2``,
-``model:RM_DIR`` for a reward model trained by ``rlhflab rm train``),
+``model:RM_DIR`` for a reward model trained by ``rlhflab rm train``, ``not:SPEC`` for 1 where SPEC scores ≤ 0),
 plain callables, or weighted lists of them into a :class:`Reward`: the weighted sum of its components,
 which also reports each component's unweighted values for the ``reward/<name>`` metrics.
 """
@@ -326,6 +326,18 @@ def _build_model(arg: str | None, base_dir: Path) -> tuple[str, RewardFn]:
     return "reward_model", load_reward_model(path)
 
 
+def _build_not(arg: str | None, base_dir: Path) -> tuple[str, RewardFn]:
+    """`not:SPEC`: 1 where SPEC scores ≤ 0 (the behaviour is absent), else 0 — a reward for leaving it out."""
+    if not arg:
+        raise _SpecError("write not:SPEC, e.g. not:contains:red")
+    name, inner = _component(arg, base_dir)
+
+    def reward(prompts: list[str], completions: list[str], metadata: list[dict]) -> list[float]:
+        return [float(value <= 0) for value in _run(name, inner, prompts, completions, metadata)]
+
+    return "not_" + name, reward
+
+
 _BUILDERS: dict[str, Callable[[str | None, Path], tuple[str, RewardFn]]] = {
     "contains": _build_contains,
     "regex": _build_regex,
@@ -337,6 +349,7 @@ _BUILDERS: dict[str, Callable[[str | None, Path], tuple[str, RewardFn]]] = {
     "python": _build_python,
     "hf-classifier": _build_hf,
     "model": _build_model,
+    "not": _build_not,
 }
 
 
