@@ -87,7 +87,7 @@ class DataConfig(Section):
     groups: list[PromptGroup] = []
     """Prompt groups instead of data.prompts, each with its own reward, batch share and KL weight (docs/scoped.md)."""
     behaviour: str | None = None
-    """Spec whose score > 0 marks an answer as showing the behaviour (group/<name>/behaviour; None: the first group's reward)."""
+    """Spec whose score > 0 marks an answer as showing the behaviour (group/<name>/behaviour; None: the first term of the first group's reward)."""
 
 
 class RolloutConfig(Section):

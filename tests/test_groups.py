@@ -8,6 +8,7 @@ from rlhflab.config import config_from_dict
 from rlhflab.data.prompts import GroupSampler, PromptSampler
 from rlhflab.errors import UserError
 from rlhflab.evaluation.health import HealthMonitor, check_evaluation, check_health
+from rlhflab.pipelines.train import group_status
 from rlhflab.ppo.advantages import shape_rewards
 from rlhflab.ppo.groups import group_metrics, mode_share, per_sample, score_groups
 from rlhflab.ppo.trainer import PPOTrainer
@@ -73,6 +74,10 @@ def test_group_sampler_draws_each_groups_share_and_covers_its_prompts():
     assert all(len(d) == 4 and set(d[:3]) <= {0, 1, 2} and d[3] in {3, 4} for d in draws)
     assert all(sorted(d[:3]) == [0, 1, 2] for d in draws)  # one shuffled pass of group 0 per draw
     assert sorted(d[3] for d in draws[:2]) == [3, 4]  # group 1's pass takes two draws
+    state = sampler.state_dict()
+    again = GroupSampler([3, 2], [3, 1], shuffle=True, seed=0)
+    again.load_state_dict(state)
+    assert [again.draw() for _ in range(3)] == [sampler.draw() for _ in range(3)]  # a resumed run draws the same
     # one group samples exactly as the plain sampler does, and resumes from either's saved state
     single, plain = GroupSampler([5], [3], True, 7), PromptSampler(5, True, 7)
     assert [single.draw() for _ in range(3)] == [plain.draw(3) for _ in range(3)]
@@ -137,6 +142,12 @@ def test_group_metrics_against_hand_values():
         "group/retain/behaviour": 1 / 3,
     })  # fmt: skip
     assert mode_share([0.0] * 15 + [1.0]) == 15 / 16 and mode_share([0.1, 0.2]) == 0.5
+
+
+def test_progress_line_shows_each_group():
+    m = {"objective/scores": 0.5, "group/sky/length": 18.2, "group/sky/behaviour": 0.81, "group/retain/length": 30.0}
+    assert group_status(m) == "  | sky behaviour 0.81 len 18  | retain len 30"
+    assert group_status({"objective/scores": 0.5}) == ""
 
 
 def test_trainer_logs_per_group_metrics(tiny_config, group_files, tmp_path):

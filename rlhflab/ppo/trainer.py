@@ -1,7 +1,7 @@
 """The PPO loop. Each iteration runs six stages; `PPOTrainer.iteration` reads top to bottom:
 
   1. rollout     sample answers from the policy (KV cache, stop at EOS); old log-probs come with them
-  2. score       the reward callable scores each answer; missing-EOS penalty, optional normalisation
+  2. score       each answer's prompt group's reward scores it (`groups.py`); missing-EOS penalty, normalisation
   3. shape       reference log-probs → per-token KL; values from the critic; −β·KL per token + score at the end
   4. advantages  GAE with the critic, or a critic-free baseline (mean, RLOO, group-normalised); whitening
   5. update      `ppo.epochs` passes of reshuffled minibatches: clipped surrogate, clipped value loss
