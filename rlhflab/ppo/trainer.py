@@ -210,6 +210,7 @@ class PPOTrainer:
         prompts = [self.prompts[i].display for i in idx]
         metadata = [dict(self.prompts[i].metadata) for i in idx]
         total, components = score_groups(self.rewards, groups, prompts, gen.texts, metadata)
+        behaviour = self.behaviour(prompts, gen.texts, metadata) if self.behaviour is not None else None
         raw = torch.tensor(total, dtype=torch.float32, device=self.device)
         scores = self._normalize_scores(raw, gen.has_eos.to(self.device))
         t2 = time.perf_counter()
@@ -223,8 +224,7 @@ class PPOTrainer:
         ro = Rollout(gen, prompts, metadata, scores, raw, components, ref_logprobs, values, kl)
         ro.group_ids = torch.tensor(groups, device=self.device)
         ro.kl_scale = per_sample([g.kl_scale for g in self.groups], ro.group_ids)
-        if self.behaviour is not None:
-            ro.behaviour = torch.tensor(self.behaviour(prompts, gen.texts, metadata), device=self.device)
+        ro.behaviour = torch.tensor(behaviour, device=self.device) if behaviour is not None else None
         ro.timings = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forwards": time.perf_counter() - t2}
         # 4. advantages
         self._advantages(ro)
