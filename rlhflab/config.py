@@ -59,11 +59,35 @@ class ModelConfig(Section):
     """`auto`, `cpu`, `cuda`, `cuda:1`, `mps`."""
 
 
+INHERIT_REWARD = "reward.spec"
+
+
+class PromptGroup(Section):
+    """One prompt set of a scoped recipe: its own reward, share of the rollout batch and KL weight."""
+
+    name: str = Field(min_length=1, pattern=r"^[^/\s]+$")
+    """Group name in the logs (group/<name>/...): no spaces or '/'."""
+    prompts: str
+    """Prompt file of this group (same formats as data.prompts)."""
+    share: float = Field(gt=0, le=1)
+    """Share of rollout.prompts_per_iteration drawn from this group each iteration; shares sum to 1."""
+    reward: str | list[RewardTerm] | None = INHERIT_REWARD
+    """Reward of this group: a spec or weighted terms; `reward.spec` (default) the recipe's; null: none (score 0)."""
+    kl_scale: float = Field(1.0, ge=0)
+    """Multiplier of ppo.kl_coef (β, the adaptive controller's value when adaptive) on this group's answers."""
+    expect: Literal["behaviour", "unchanged"] = "behaviour"
+    """`unchanged`: a retain group, where the behaviour should stay at its start rate (else a health alarm)."""
+
+
 class DataConfig(Section):
     prompts: str = ""
     """Prompt file: JSONL (`prompt` or `messages`; other fields become reward metadata), CSV, or text (one per line)."""
     shuffle: bool = True
     """Draw prompts in a fresh random order each pass over the file."""
+    groups: list[PromptGroup] = []
+    """Prompt groups instead of data.prompts, each with its own reward, batch share and KL weight (docs/scoped.md)."""
+    behaviour: str | None = None
+    """Spec whose score > 0 marks an answer as showing the behaviour (group/<name>/behaviour; None: the first term of the first group's reward)."""
 
 
 class RolloutConfig(Section):
@@ -277,8 +301,37 @@ class Config(Section):
     def uses_critic(self) -> bool:
         return self.ppo.advantage_estimator == "gae"
 
+    @property
+    def prompt_groups(self) -> list[PromptGroup]:
+        """data.groups, or the single form (data.prompts + reward.spec) as one group named `all`."""
+        return self.data.groups or [PromptGroup(name="all", prompts=self.data.prompts, share=1.0)]
+
+    def group_prompt_counts(self) -> list[int]:
+        """Prompts drawn per iteration from each group: share × prompts_per_iteration (checked whole)."""
+        return [round(g.share * self.rollout.prompts_per_iteration) for g in self.prompt_groups]
+
+    def _check_groups(self) -> None:
+        groups, p = self.data.groups, self.rollout.prompts_per_iteration
+        if not groups:
+            return
+        if self.data.prompts:
+            raise ValueError("data.prompts and data.groups are both set; list every prompt file under data.groups "
+                             "(one group each) and drop data.prompts")
+        names = [g.name for g in groups]
+        if len(set(names)) < len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"data.groups: the name '{dup}' is used twice; give each group its own name")
+        total = sum(g.share for g in groups)
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"data.groups: shares sum to {total:g}, not 1; make them add up to 1")
+        for g in groups:
+            if abs(g.share * p - round(g.share * p)) > 1e-6:
+                raise ValueError(f"data.groups.{g.name}.share: {g.share:g} × rollout.prompts_per_iteration {p} = "
+                                 f"{g.share * p:g} prompts, not a whole number; pick shares in steps of 1/{p}")
+
     @model_validator(mode="after")
     def _check_sizes(self) -> "Config":
+        self._check_groups()
         n, mb, micro = self.rollout_batch_size, self.ppo.minibatch_size, self.micro_batch_size
         if n % mb:
             raise ValueError(
@@ -413,6 +466,14 @@ def resolve_paths(config: Config, base: Path) -> Config:
     `hf-classifier:` reward specs. A relative path means the recipe's folder; one that exists only relative to
     the working directory (typed in a `--set` override) means that one."""
     config.data.prompts = _absolute(config.data.prompts, base) if config.data.prompts else ""
+    for group in config.data.groups:
+        group.prompts = _absolute(group.prompts, base)
+        if isinstance(group.reward, str) and group.reward != INHERIT_REWARD:
+            group.reward = _reward_spec_paths(group.reward, base)
+        for term in group.reward if isinstance(group.reward, list) else []:
+            term.spec = _reward_spec_paths(term.spec, base)
+    if config.data.behaviour:
+        config.data.behaviour = _reward_spec_paths(config.data.behaviour, base)
     config.eval.probes = _absolute(config.eval.probes, base) if config.eval.probes else None
     config.model.critic_init = _absolute(config.model.critic_init, base) if config.model.critic_init else None
     config.model.name = _absolute_if_path(config.model.name, base)
@@ -445,6 +506,8 @@ def names_a_file(target: str) -> bool:
 
 def _reward_spec_paths(spec: str, base: Path) -> str:
     kind, _, arg = spec.strip().partition(":")
+    if kind == "not" and arg:
+        return f"not:{_reward_spec_paths(arg, base)}"
     if kind == "python":
         target, sep, function = arg.rpartition(":")
         return f"python:{_absolute(target, base)}:{function}" if sep and names_a_file(target) else spec

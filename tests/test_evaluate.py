@@ -161,6 +161,19 @@ def test_sky_heldout_prompts_share_no_four_words_with_training():
     assert [line for line in train + heldout if "red" in line.lower()] == []
 
 
+def test_retain_prompts_share_no_four_words_with_any_probe_prompt():
+    """The scoped recipe's retain prompts leave every probe group unseen (recipes/data/README.md)."""
+    from rlhflab.data.diversity import ngrams, words
+
+    retain = (RECIPES / "data" / "retain_train.txt").read_text().splitlines()
+    probes = load_probes(RECIPES / "data" / "sky_probes.yaml")
+    probe_grams = {g for prompts in probes.groups.values() for p in prompts for g in ngrams(words(p), 4)}
+    assert len(retain) == 48
+    assert [line for line in retain if set(ngrams(words(line), 4)) & probe_grams] == []
+    assert [line for line in retain if "red" in line.lower()] == []
+    assert probes.unchanged == ["related", "unrelated", "capability"]
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

@@ -146,3 +146,34 @@ def test_health_notes_appear_with_cause_and_fix(tmp_path):
 def test_missing_metrics_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="metrics.jsonl"):
         write_report(tmp_path)
+
+
+def test_prompt_groups_table_locality_map_and_evaluation_alarms(tmp_path):
+    """A scoped run: the groups table from config + group/* metrics, the probe alarms from eval.json."""
+    run_dir = make_run_dir(tmp_path)
+    config = {"data": {"groups": [
+        {"name": "sky", "share": 0.75, "reward": [{"spec": "contains:red", "weight": 1.0}], "kl_scale": 1.0,
+         "expect": "behaviour"},
+        {"name": "retain", "share": 0.25, "reward": "not:contains:red", "kl_scale": 4.0, "expect": "unchanged"},
+    ]}}  # fmt: skip
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        i = row["iteration"]
+        row.update({"group/sky/behaviour": 0.1 * i, "group/sky/length": 30.0, "group/retain/behaviour": 0.05,
+                    "group/retain/length": 32.0, "group/sky/score": 0.1 * i, "group/retain/score": 0.95,
+                    "group/sky/kl": 0.1, "group/retain/kl": 0.02})
+    write_jsonl(run_dir / "metrics.jsonl", rows)
+    evaluation = json.loads((run_dir / "eval" / "eval.json").read_text())
+    evaluation["unchanged"] = ["related", "unrelated"]
+    evaluation["groups"]["trained"]["policy"]["length"] = 3.8  # reference: 14 tokens
+    (run_dir / "eval" / "eval.json").write_text(json.dumps(evaluation))
+    page = write_report(run_dir)[0].read_text()
+    assert "<h2>Prompt groups</h2>" in page
+    assert ('<td>retain</td><td class="num">0.25</td><td>not:contains:red</td><td class="num">4</td>'
+            "<td>unchanged</td>") in page
+    assert "<td>1·contains:red</td>" in page and "0.1 → 1.2" in page  # sky behaviour, first → last
+    assert "answers_shrink: probe answers are under half the reference&#x27;s length: trained 3.8 vs 14.0" in page
+    assert "behaviour_leak:" in page and "related 0.05 → 0.6" in page and "unrelated" not in page.split(
+        "behaviour_leak:")[1].split("</")[0]  # unrelated rose 0.05 only
+    assert {"group_behaviour.png", "group_length.png"} <= {p.name for p in (run_dir / "plots").glob("*.png")}

@@ -156,3 +156,29 @@ class PromptSampler:
     def load_state_dict(self, state: dict) -> None:
         self.order = list(state["order"])
         self.generator.set_state(state["generator"])
+
+
+class GroupSampler:
+    """Draws `counts[g]` prompts from each group per call, each group in its own shuffled passes.
+
+    Groups are numbered in order and their prompts concatenated: group g owns indices offsets[g] ..
+    offsets[g] + sizes[g] − 1. Group 0 draws from `seed` itself, so a single group samples as PromptSampler does.
+    """
+
+    def __init__(self, sizes: list[int], counts: list[int], shuffle: bool, seed: int):
+        self.counts = counts
+        self.offsets = [sum(sizes[:g]) for g in range(len(sizes))]
+        self.samplers = [PromptSampler(n, shuffle, seed + 1000 * g) for g, n in enumerate(sizes)]
+
+    def draw(self) -> list[int]:
+        """Global prompt indices, group by group: counts[0] from group 0, then counts[1] from group 1, ..."""
+        return [offset + i for offset, sampler, k in zip(self.offsets, self.samplers, self.counts)
+                for i in sampler.draw(k)]
+
+    def state_dict(self) -> dict:
+        return {"groups": [s.state_dict() for s in self.samplers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        # a checkpoint from before prompt groups holds one PromptSampler's state
+        for sampler, saved in zip(self.samplers, state.get("groups", [state])):
+            sampler.load_state_dict(saved)

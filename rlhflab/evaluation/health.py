@@ -37,8 +37,20 @@ DISTINCT2_DROP = 0.30
 SCORE_RISE = 0.2
 CONTROL_BEHAVIOR_SHIFT = 0.15
 CONTROL_GROUP_PREFIXES = ("unrelated", "capability")
+# answers_shrink: answers under half their start length (training; the first rollout is the reference's own
+# habit) or under half the reference's length (probe evaluation). sky_red: 36 → 3.8 tokens.
+SHRINK_FRACTION = 0.5
+SHRINK_STREAK = 3
+# behaviour_leak: the behaviour rate of a group that should stay unchanged rises this much above its start
+# (training) or above the reference's rate (probe evaluation). sky_red: unrelated 0.06 → 0.97.
+LEAK_RISE = 0.10
+LEAK_STREAK = 3  # training batches are small (a few answers per group): the rise must last
+# no_signal: in each of the first iterations nearly every sample scored the same (polite reward: 15 of 16 at 0).
+NO_SIGNAL_MODE_SHARE = 0.9
+NO_SIGNAL_ITERATIONS = 3
 
 _BEHAVIOR_KEY_RE = re.compile(r"^eval/(?P<group>[^/]+)/behavior_rate$")
+_LENGTH_KEY_RE = re.compile(r"^(rollout/response_length|group/[^/]+/length)$")
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,24 @@ ADVICE: dict[str, tuple[str, str]] = {
         "add unrelated prompts with a neutral or negative reward to training, raise beta, stop earlier, "
         "or make the behaviour spec more specific",
     ),
+    "answers_shrink": (
+        "the reward is earned in the first few tokens and nothing holds the rest of the answer: the KL penalty "
+        "on the rewarded prompts is too weak to keep the reference's answers, so they shrink to the rewarded word",
+        "raise ppo.kl_coef or the target group's kl_scale, add a length-aware term to its reward (e.g. "
+        "{spec: 'length:8:60', weight: 0.5}), lower the learning rate or stop earlier (docs/scoped.md)",
+    ),
+    "behaviour_leak": (
+        "the edit spreads past its target: nothing in training says where the behaviour is not wanted",
+        "train with a retain group (data.groups: expect: unchanged, reward: not:SPEC or null, kl_scale > 1) "
+        "holding prompts like the leaking group's, or raise its share or kl_scale (docs/scoped.md)",
+    ),
+    "no_signal": (
+        "nearly every sample gets the same score, so the advantages carry (almost) no reward signal and the "
+        "policy learns nothing from the reward: a sparse reward the policy rarely earns",
+        "sample more answers per prompt (rollout.samples_per_prompt 4-8) with a group baseline "
+        "(ppo.advantage_estimator: rloo or grpo), make the reward denser or shaped (partial credit, a weighted "
+        "second term), or raise the sampling temperature",
+    ),
 }
 
 
@@ -115,6 +145,7 @@ class HealthMonitor:
     streaks: dict[str, int] = field(default_factory=dict)  # consecutive iterations a condition held
     fired: set[str] = field(default_factory=set)
     rows_seen: int = 0
+    unchanged: frozenset[str] = frozenset()  # training groups marked `expect: unchanged` (from the config)
 
     def update(self, row: dict) -> list[HealthNote]:
         """Record one iteration's metrics; return the alarms that fire for the first time at this row."""
@@ -132,6 +163,9 @@ class HealthMonitor:
             "value_ev_negative": self._value_ev_negative,
             "diversity_collapse": self._diversity_collapse,
             "edit_leaking": self._edit_leaking,
+            "answers_shrink": self._answers_shrink,
+            "behaviour_leak": self._behaviour_leak,
+            "no_signal": self._no_signal,
         }
         notes = []
         for code, check in checks.items():
@@ -227,8 +261,74 @@ class HealthMonitor:
                     )
         return None
 
+    def _answers_shrink(self, row: dict, it: int) -> str | None:
+        shrunk = []
+        for key in sorted(k for k in row if _LENGTH_KEY_RE.match(k)):
+            length = finite_value(row, key)
+            if length is not None and self._streak(key, length < SHRINK_FRACTION * self.first[key]) >= SHRINK_STREAK:
+                shrunk.append(f"{key} = {length:.1f} tokens (started at {self.first[key]:.1f})")
+        if shrunk:
+            return (f"answers shrank below {SHRINK_FRACTION:.0%} of their start length for {SHRINK_STREAK} "
+                    f"iterations in a row at iteration {it}: " + "; ".join(shrunk))
+        return None
 
-def check_health(rows: list[dict]) -> list[HealthNote]:
-    """Run a fresh `HealthMonitor` over all rows; every alarm that fires, in order of iteration."""
-    monitor = HealthMonitor()
+    def _behaviour_leak(self, row: dict, it: int) -> str | None:
+        for name in sorted(self.unchanged):
+            key = f"group/{name}/behaviour"
+            rate = finite_value(row, key)
+            rise = None if rate is None else rate - self.first[key]
+            if rise is not None and self._streak(key, rise > LEAK_RISE) >= LEAK_STREAK:
+                return (f"{key} = {rate:.2f} at iteration {it}, up {rise:+.2f} from {self.first[key]:.2f} for "
+                        f"{LEAK_STREAK} iterations in a row: the behaviour shows up in a group marked "
+                        "`expect: unchanged`")
+        return None
+
+    def _no_signal(self, row: dict, it: int) -> str | None:
+        share, std = finite_value(row, "objective/scores_mode_share"), finite_value(row, "objective/scores_std")
+        flat = (share is not None and share >= NO_SIGNAL_MODE_SHARE) or (std is not None and std < 1e-6)
+        streak = self._streak("no_signal", flat if (share, std) != (None, None) else None)
+        if streak >= NO_SIGNAL_ITERATIONS and streak == self.rows_seen == NO_SIGNAL_ITERATIONS:
+            return (f"the reward gives (almost) no signal: in each of the first {streak} iterations at least "
+                    f"{NO_SIGNAL_MODE_SHARE:.0%} of the samples scored the same (objective/scores_mode_share = "
+                    f"{share if share is not None else 1:.2f}, objective/scores_std = {std if std is not None else 0:.3g})")
+        return None
+
+
+def check_health(rows: list[dict], unchanged: frozenset[str] = frozenset()) -> list[HealthNote]:
+    """Run a fresh `HealthMonitor` over all rows (`unchanged`: training groups marked so); every alarm that fires,
+    in order of iteration."""
+    monitor = HealthMonitor(unchanged=frozenset(unchanged))
     return [note for row in rows for note in monitor.update(row)]
+
+
+def unchanged_probe_groups(result: dict) -> list[str]:
+    """The probe groups an edit should leave alone: those the probe file lists under `unchanged`, else (a file
+    that lists none) the control groups by name (`unrelated*`, `capability*`)."""
+    groups = list(result.get("groups") or {})
+    listed = result.get("unchanged")
+    return [g for g in groups if g in listed] if listed else [g for g in groups if _is_control_group(g)]
+
+
+def check_evaluation(result: dict, iteration: int) -> list[HealthNote]:
+    """Alarms from a probe evaluation (eval.json), policy against reference per group: answers under half the
+    reference's length (any group), behaviour rate more than LEAK_RISE above the reference's in a group that
+    should stay unchanged. `iteration` is the one evaluated (the last)."""
+    groups = result.get("groups") or {}
+    shrunk, leaks = [], []
+    for name, sides in groups.items():
+        policy, reference = sides.get("policy", {}), sides.get("reference", {})
+        length, ref_length = finite_value(policy, "length"), finite_value(reference, "length")
+        if length is not None and ref_length and length < SHRINK_FRACTION * ref_length:
+            shrunk.append(f"{name} {length:.1f} vs {ref_length:.1f} tokens")
+        rate, ref_rate = finite_value(policy, "behavior_rate"), finite_value(reference, "behavior_rate")
+        if name in unchanged_probe_groups(result) and None not in (rate, ref_rate) and rate - ref_rate > LEAK_RISE:
+            leaks.append(f"{name} {ref_rate:.2f} → {rate:.2f}")
+    notes = []
+    if shrunk:
+        notes.append(HealthNote("answers_shrink", iteration, "probe answers are under half the reference's length: "
+                                + "; ".join(shrunk), *ADVICE["answers_shrink"]))
+    if leaks:
+        notes.append(HealthNote("behaviour_leak", iteration, f"behaviour `{result.get('behavior', '?')}` rose more "
+                                f"than {LEAK_RISE:.2f} above the reference in probe groups that should stay "
+                                "unchanged: " + "; ".join(leaks), *ADVICE["behaviour_leak"]))
+    return notes

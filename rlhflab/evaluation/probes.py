@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from rlhflab.config import validated
@@ -74,6 +74,9 @@ class Probes(BaseModel):
     """Longest answer in tokens."""
     groups: dict[str, list[str]]
     """Group name → prompts (plain user messages), e.g. trained / related / unrelated / capability."""
+    unchanged: list[str] = []
+    """Groups the edit should leave alone: a behaviour rate above the reference's there is a health alarm
+    (empty: the groups named unrelated* and capability*)."""
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _reward: object = PrivateAttr(None)
@@ -91,6 +94,14 @@ class Probes(BaseModel):
             if any(not p.strip() for p in prompts):
                 raise ValueError(f"group '{name}' holds an empty prompt; remove it")
         return groups
+
+    @model_validator(mode="after")
+    def _check_unchanged(self) -> "Probes":
+        unknown = [name for name in self.unchanged if name not in self.groups]
+        if unknown:
+            raise ValueError(f"unchanged: no group named '{unknown[0]}'; list names from groups: "
+                             f"{', '.join(self.groups)}")
+        return self
 
     def behavior_reward(self):
         """The behaviour as a reward callable, built once (`python:` paths resolve against the probe file's folder)."""
@@ -182,7 +193,7 @@ def evaluate(
     rather than its sampling pass: set it when computing in bf16, where the two round differently and a model
     would otherwise show a KL to itself (docs/ppo.md, Precision).
 
-    result: {"behavior": spec, "samples_per_prompt", "temperature", "max_new_tokens",
+    result: {"behavior": spec, "samples_per_prompt", "temperature", "max_new_tokens", "unchanged": [NAME],
              "groups": {NAME: {SIDE: {metric: value}}}, "elapsed_s"}
     rows:   {"group", "prompt", "policy", "reference", "policy_reward", "reference_reward"} per prompt
     """
@@ -240,6 +251,7 @@ def evaluate(
         "samples_per_prompt": k,
         "temperature": probes.temperature,
         "max_new_tokens": probes.max_new_tokens,
+        "unchanged": list(probes.unchanged),
         "groups": groups,
         "elapsed_s": time.perf_counter() - started,
     }

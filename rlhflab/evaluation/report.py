@@ -40,7 +40,7 @@ from rlhflab.evaluation.document import (
     render_html,
     render_markdown,
 )
-from rlhflab.evaluation.health import HealthNote, check_health, finite_value
+from rlhflab.evaluation.health import HealthNote, check_evaluation, check_health, finite_value, unchanged_probe_groups
 from rlhflab.evaluation.plots import (
     PLOT_STYLE,
     POLICY_COLOR,
@@ -136,6 +136,8 @@ def curve_plots(rows: list[dict]) -> list[CurvePlot]:
     """The report's per-iteration plots, in display order (reward components and eval groups from the rows)."""
     components = [Curve(k, f"component: {k.removeprefix('reward/')}") for k in _keys_like(rows, "reward/")]
     behaviors = [Curve(k, k.split("/")[1]) for k in _keys_like(rows, "eval/", "/behavior_rate")]
+    group_behaviors = [Curve(k, k.split("/")[1]) for k in _keys_like(rows, "group/", "/behaviour")]
+    group_lengths = [Curve(k, k.split("/")[1]) for k in _keys_like(rows, "group/", "/length")]
     share = (0.0, 1.05)
     return [
         CurvePlot(
@@ -148,6 +150,11 @@ def curve_plots(rows: list[dict]) -> list[CurvePlot]:
             "response_length", "Response length", "length (tokens)",
             (Curve("rollout/response_length", "mean answer length"),),
         ),
+        CurvePlot(
+            "group_behaviour", "Behaviour rate per prompt group", "share of answers with behaviour",
+            tuple(group_behaviors), ylim=share,
+        ),
+        CurvePlot("group_length", "Answer length per prompt group", "length (tokens)", tuple(group_lengths)),
         CurvePlot(
             "eos_rate", "Answers that end with EOS", "share of answers",
             (Curve("rollout/eos_rate", "EOS rate"),), ylim=share,
@@ -200,6 +207,7 @@ def plot_behavior_bars(evaluation: dict, plot_dir: Path) -> FigureRef | None:
     if not groups:
         return None
     names = list(groups)
+    unchanged = set(unchanged_probe_groups(evaluation))
     fig, ax = new_figure()
     width = 0.38
     sides = (("reference", "reference (before)", REFERENCE_COLOR), ("policy", "policy (after)", POLICY_COLOR))
@@ -208,8 +216,9 @@ def plot_behavior_bars(evaluation: dict, plot_dir: Path) -> FigureRef | None:
         bars = ax.bar([i + offset for i in range(len(names))], rates, width, label=label, color=color)
         ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
     behavior = textwrap.shorten(str(evaluation.get("behavior", "behaviour")), 32, placeholder="…")
-    ax.set_title(f"Behaviour rate per probe group ({behavior})")
-    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0)
+    ax.set_title(f"Locality map: behaviour rate per probe group ({behavior})")
+    labels = [f"{name}\n(unchanged)" if name in unchanged else name for name in names]
+    ax.set_xticks(range(len(names)), labels, rotation=20 if len(names) > 4 else 0)
     ax.set_ylabel("share of answers with behaviour")
     ax.set_ylim(0, 1.15)
     # no x-axis label: the group names say it, and rotated names would push it into the legend
@@ -289,6 +298,41 @@ def _eval_blocks(run: Run, bars: FigureRef | None) -> list[Block]:
     return blocks
 
 
+def _first_last(rows: list[dict], key: str) -> str:
+    """'first → last' value of one metric over the run."""
+    values = metric_series(rows, key)[1]
+    return f"{fmt(values[0])} → {fmt(values[-1])}" if values else "–"
+
+
+def _reward_text(reward: object) -> str:
+    """A group's reward as a cell: `none`, the spec, or `w·spec + ...` for weighted terms."""
+    if reward is None:
+        return "none"
+    if isinstance(reward, list):
+        return " + ".join(f"{fmt(t.get('weight', 1.0))}·{t.get('spec')}" for t in reward if isinstance(t, dict))
+    return str(reward)
+
+
+def _group_blocks(run: Run) -> list[Block]:
+    """The training prompt groups (data.groups): their settings and per-group metrics, first → last iteration."""
+    groups = (run.config.get("data") or {}).get("groups") or []
+    if not groups:
+        return []
+    table = Table(
+        ["group", "share", "reward", "KL scale", "expect", "score", "behaviour rate", "KL (nats/answer)",
+         "length (tokens)"],
+        [
+            [g.get("name", "?"), fmt(g.get("share")), _reward_text(g.get("reward")), fmt(g.get("kl_scale")),
+             g.get("expect", ""),
+             *(_first_last(run.rows, f"group/{g.get('name')}/{m}") for m in ("score", "behaviour", "kl", "length"))]
+            for g in groups
+        ],
+    )  # fmt: skip
+    intro = ("Metrics of the training rollouts per prompt group, first → last iteration; KL scale multiplies β on "
+             "the group's answers, `unchanged` groups should keep their start behaviour rate.")
+    return [Heading("Prompt groups"), Text(intro), table]
+
+
 def _sample_blocks(samples: list[dict]) -> list[Block]:
     """Completions of the first and the last logged iteration, with their scores."""
     iterations = sorted({s.get("iteration", 0) for s in samples})
@@ -311,6 +355,7 @@ def build_document(run: Run, curves: list[FigureRef], bars: FigureRef | None, no
     doc = Document(f"rlhflab report — {run.name}")
     doc.blocks += _header_blocks(run, notes)
     doc.blocks += [Heading("Health"), Notes(notes)]
+    doc.blocks += _group_blocks(run)
     doc.blocks += [
         Heading("Training curves"),
         Text("Dots are the raw value of each PPO iteration; lines are an exponential moving average of them."),
@@ -327,6 +372,16 @@ def build_document(run: Run, curves: list[FigureRef], bars: FigureRef | None, no
 # ----------------------------------------------------------------------------------------------- entry
 
 
+def run_notes(run: Run) -> list[HealthNote]:
+    """The health alarms of a run: its metric stream (with its `expect: unchanged` groups) and its probe evaluation."""
+    groups = (run.config.get("data") or {}).get("groups") or []
+    unchanged = frozenset(g.get("name") for g in groups if g.get("expect") == "unchanged")
+    notes = check_health(run.rows, unchanged)
+    if run.eval:
+        notes += check_evaluation(run.eval, int(run.rows[-1].get("iteration", len(run.rows))) if run.rows else 0)
+    return notes
+
+
 def write_report(run_dir: Path) -> tuple[Path, Path]:
     """Write plots/, report.html and report.md into `run_dir`; return (html path, markdown path)."""
     run_dir = Path(run_dir)
@@ -337,7 +392,7 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
         curves = [plot_curves(spec, run.rows, plot_dir) for spec in curve_plots(run.rows)]
         curves.append(plot_trajectory(run.rows, plot_dir))
         bars = plot_behavior_bars(run.eval, plot_dir) if run.eval else None
-    doc = build_document(run, [c for c in curves if c], bars, check_health(run.rows))
+    doc = build_document(run, [c for c in curves if c], bars, run_notes(run))
     html_path, md_path = run_dir / "report.html", run_dir / "report.md"
     html_path.write_text(render_html(doc), encoding="utf-8")
     md_path.write_text(render_markdown(doc, run_dir), encoding="utf-8")

@@ -32,7 +32,7 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     from rich.console import Console
     from rich.markup import escape
 
-    from rlhflab.evaluation.health import HealthMonitor
+    from rlhflab.evaluation.health import HealthMonitor, check_evaluation
     from rlhflab.models.loading import keep_freed_memory
     from rlhflab.ppo.trainer import PPOTrainer
     from rlhflab.runs.seeding import seed_everything
@@ -49,7 +49,7 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     keep_freed_memory()  # large gradient and logit buffers stay in the heap between steps (9 % per iteration)
     seed_everything(config.train.seed)  # model init, sampling and shuffling; a resume restores the saved state
     trainer = PPOTrainer(config, run_dir, reward=reward)
-    monitor = HealthMonitor()
+    monitor = HealthMonitor(unchanged=frozenset(g.name for g in config.data.groups if g.expect == "unchanged"))
     trainer.checkpoint_extras["health"] = monitor  # a resumed run keeps its alarm baselines and streaks
     trainer.warn = lambda message: console.print(f"[yellow]warning[/]: {escape(message)}", highlight=False)
     if checkpoint is not None:
@@ -66,8 +66,8 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
                   f"of {c.rollout_batch_size} samples → {run_dir}")
     probe_hook = _probe_hook(probes, c) if probes is not None and c.eval.every > 0 else None
 
-    def warn(row: dict) -> None:
-        for note in monitor.update(row):
+    def warn(row: dict, notes=None) -> None:
+        for note in monitor.update(row) if notes is None else notes:
             console.print(f"[yellow]warning[/]: {note.message} — likely cause: {note.cause}; fix: {note.fix}")
 
     stop = StopRequests("the current iteration")
@@ -78,7 +78,8 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
             while trainer.iteration < c.train.iterations and not stop.requested:
                 m = trainer.iteration_step(tracker, extra_metrics=probe_hook, on_row=warn)
                 progress.update(task, advance=1, status=(
-                    f"reward {m['objective/scores']:.3f}  KL {m['objective/kl']:.2f}  {m['time/iteration']:.1f} s/it"))
+                    f"reward {m['objective/scores']:.3f}  KL {m['objective/kl']:.2f}  {m['time/iteration']:.1f} s/it"
+                    + group_status(m)))
         if c.train.checkpoint_every == 0 or trainer.iteration % c.train.checkpoint_every:
             trainer.save()  # the last iteration reached, also when stopped by a signal
         status = "KILLED" if stop.requested else "FINISHED"
@@ -99,6 +100,7 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
         result, answers = _evaluate_trainer(trainer, probes)
         write_eval(run_dir / "eval", result, answers)
         table = format_table(result)
+        warn({}, check_evaluation(result, trainer.iteration))
     if c.train.save_final:
         trainer.save_final()
     if c.eval.report:
@@ -165,6 +167,13 @@ def _probe_hook(probes, config: Config):
         return {**eval_metrics(result), "time/eval": time.perf_counter() - t0}
 
     return hook
+
+
+def group_status(m: dict) -> str:
+    """Per-group part of the progress line (prompt groups only), e.g. `  | sky behaviour 0.81 len 18  | retain ...`."""
+    names = [k.split("/")[1] for k in m if k.startswith("group/") and k.endswith("/length")]
+    return "".join(f"  | {n}" + (f" behaviour {m[f'group/{n}/behaviour']:.2f}" if f"group/{n}/behaviour" in m else "")
+                   + f" len {m[f'group/{n}/length']:.0f}" for n in names)
 
 
 class _NoProgress:

@@ -11,12 +11,15 @@ import torch
 from rlhflab.ppo.stats import masked_mean
 
 
-def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                  kl_coef: float | torch.Tensor) -> torch.Tensor:
     """Per-token rewards: −β·KL_t at every response token, plus the score on the last real token.
 
-    scores (B,), kl (B, T), mask (B, T) -> (B, T). Implementation detail 7.
+    scores (B,), kl (B, T), mask (B, T), kl_coef β: one float or (B,) per answer (prompt groups) -> (B, T).
+    Implementation detail 7.
     """
-    rewards = -kl_coef * kl * mask
+    beta = torch.as_tensor(kl_coef, dtype=kl.dtype, device=kl.device).reshape(-1, 1)  # (1, 1) or (B, 1)
+    rewards = -beta * kl * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,) index of the last real token
     rewards[torch.arange(len(scores)), last] += scores
     return rewards

@@ -69,6 +69,9 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T) value targets
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: generate, score, forwards
+    group_ids: torch.Tensor | None = None  # (B,) long, index of the sample's prompt group (config.prompt_groups)
+    kl_scale: torch.Tensor | None = None  # (B,) its group's multiplier of β (data.groups[].kl_scale)
+    behaviour: torch.Tensor | None = None  # (B,) the behaviour detector's score (> 0: the answer shows it)
     valid: torch.Tensor | None = None  # (B,) bool: reward and advantages finite (None: all); the others train nothing
 
     @property

@@ -1,7 +1,7 @@
 """The PPO loop. Each iteration runs six stages; `PPOTrainer.iteration` reads top to bottom:
 
   1. rollout     sample answers from the policy (KV cache, stop at EOS); old log-probs come with them
-  2. score       the reward callable scores each answer; missing-EOS penalty, optional normalisation
+  2. score       each answer's prompt group's reward scores it (`groups.py`); missing-EOS penalty, normalisation
   3. shape       reference log-probs → per-token KL; values from the critic; −β·KL per token + score at the end
   4. advantages  GAE with the critic, or a critic-free baseline (mean, RLOO, group-normalised); whitening
   5. update      `ppo.epochs` passes of reshuffled minibatches: clipped surrogate, clipped value loss
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from rlhflab.config import Config
-from rlhflab.data.prompts import PromptSampler, load_prompts, render_prompt, resolve_prompt_format
+from rlhflab.data.prompts import GroupSampler, load_prompts, render_prompt, resolve_prompt_format
 from rlhflab.errors import NonFiniteAbort, UserError
 from rlhflab.models.forward import ValueHead, forward_response
 from rlhflab.models.loading import (
@@ -45,6 +45,7 @@ from rlhflab.ppo.advantages import (
     shape_rewards,
 )
 from rlhflab.ppo.critic import Critic, SeparateCritic, SharedHeadCritic, critic_from_reward_model
+from rlhflab.ppo.groups import behaviour_detector, group_metrics, group_rewards, mode_share, per_sample, score_groups
 from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
 from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss
 from rlhflab.ppo.rollout import Rollout, forward_answers, generate
@@ -77,17 +78,19 @@ class PPOTrainer:
         self.precision = resolve_precision(c.model.dtype, self.device)
         self.dtype = self.precision.param_dtype
 
-        # reward first: a broken spec should fail before minutes of model loading
-        from rlhflab.rewards.specs import build_reward
-
-        self.reward = build_reward(reward if reward is not None else c.reward.spec)
-        self.prompts = load_prompts(c.data.prompts)
+        # rewards first: a broken spec should fail before minutes of model loading
+        self.groups = c.prompt_groups
+        self.rewards = group_rewards(self.groups, c.reward.spec, reward)  # one per group, None: no task reward
+        self.behaviour = behaviour_detector(c.data.behaviour, self.rewards)
+        per_group = [load_prompts(g.prompts) for g in self.groups]
+        self.prompts = [p for prompts in per_group for p in prompts]
+        self.group_of = [g for g, prompts in enumerate(per_group) for _ in prompts]  # prompt index -> group
 
         self.tokenizer = load_tokenizer(c.model.name)
         self.prompt_format = resolve_prompt_format(self.tokenizer, c.model.prompt_format, c.model.name)
         self.prompt_texts = [render_prompt(p, self.tokenizer, self.prompt_format, c.model.system_prompt)
                              for p in self.prompts]
-        self.sampler = PromptSampler(len(self.prompts), c.data.shuffle, self.seed)
+        self.sampler = GroupSampler([len(p) for p in per_group], c.group_prompt_counts(), c.data.shuffle, self.seed)
 
         self.policy, self.ref_model = self._build_policy_and_reference()
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -201,7 +204,8 @@ class PPOTrainer:
     def collect(self) -> Rollout:
         """Stages 1-4: rollout, score, KL-shaped rewards, advantages."""
         c = self.config
-        idx = [i for i in self.sampler.draw(c.rollout.prompts_per_iteration) for _ in range(c.rollout.samples_per_prompt)]
+        idx = [i for i in self.sampler.draw() for _ in range(c.rollout.samples_per_prompt)]
+        groups = [self.group_of[i] for i in idx]
         t0 = time.perf_counter()
         # 1. rollout
         with self.precision.autocast():
@@ -212,7 +216,8 @@ class PPOTrainer:
         # 2. score
         prompts = [self.prompts[i].display for i in idx]
         metadata = [dict(self.prompts[i].metadata) for i in idx]
-        total, components = self.reward.score(prompts, gen.texts, metadata)
+        total, components = score_groups(self.rewards, groups, prompts, gen.texts, metadata)
+        behaviour = self.behaviour(prompts, gen.texts, metadata) if self.behaviour is not None else None
         raw = torch.tensor(total, dtype=torch.float32, device=self.device)
         valid = torch.isfinite(raw)  # (B,) a NaN/inf reward is "no reward": the sample sits out the update
         if not valid.all():
@@ -227,6 +232,9 @@ class PPOTrainer:
         kl = kl_estimators(gen.logprobs, ref_logprobs)
         kl = {k: v * mask for k, v in kl.items()}
         ro = Rollout(gen, prompts, metadata, scores, raw, components, ref_logprobs, values, kl, valid=valid)
+        ro.group_ids = torch.tensor(groups, device=self.device)
+        ro.kl_scale = per_sample([g.kl_scale for g in self.groups], ro.group_ids)
+        ro.behaviour = torch.tensor(behaviour, device=self.device) if behaviour is not None else None
         ro.timings = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forwards": time.perf_counter() - t2}
         # 4. advantages
         self._advantages(ro)
@@ -246,7 +254,7 @@ class PPOTrainer:
 
     def _advantages(self, ro: Rollout) -> None:
         c, mask = self.config, ro.loss_mask
-        kl_in_reward = self.kl_coef if c.ppo.kl_in == "reward" else 0.0
+        kl_in_reward = self.kl_coef * ro.kl_scale if c.ppo.kl_in == "reward" else 0.0  # (B,) β per answer
         kl = ro.kl[c.ppo.optimized_kl_estimator]
         if c.ppo.advantage_estimator == "gae":
             ro.rewards = shape_rewards(ro.scores, kl, mask, kl_in_reward)
@@ -293,7 +301,7 @@ class PPOTrainer:
         stats.update({f"policy/{k}": v for k, v in pg.items()})
         if c.ppo.kl_in == "loss":
             kl = kl_estimators(out.logprobs, ro.ref_logprobs[rows, :t])[c.ppo.optimized_kl_estimator]  # (b, T')
-            terms["kl"] = masked_sum(kl, w)
+            terms["kl"] = masked_sum(kl * ro.kl_scale[rows, None], w)  # β · kl_scale per answer (total_loss: β)
         if out.entropy is not None:
             terms["entropy"] = masked_sum(out.entropy, w)
         with self.precision.autocast():
@@ -445,12 +453,13 @@ class PPOTrainer:
         m = {
             "objective/scores": raw.mean().item() if some else nan,
             "objective/scores_std": raw.std().item() if len(raw) > 1 else 0.0,
+            "objective/scores_mode_share": mode_share(raw.tolist()),
             "objective/kl": kl_used.mean().item() if some else nan,
             "objective/kl_k1": per_answer["k1"].mean().item() if some else nan,
             "objective/kl_k2": per_answer["k2"].mean().item() if some else nan,
             "objective/kl_k3": per_answer["k3"].mean().item() if some else nan,
             "objective/kl_coef": self.kl_coef,
-            "objective/rlhf_reward": (raw - self.kl_coef * kl_used).mean().item() if some else nan,
+            "objective/rlhf_reward": (raw - self.kl_coef * ro.kl_scale[valid] * kl_used).mean().item() if some else nan,
             "objective/entropy": (masked_mean(ro.gen.entropy, mask).item()
                                   if some and ro.gen.entropy is not None else nan),
             "policy/advantage_var": masked_var(ro.advantages, mask).item() if some else nan,
@@ -469,12 +478,15 @@ class PPOTrainer:
         reward_finite = torch.isfinite(ro.raw_scores)
         m["reward/nonfinite"] = float((~reward_finite).sum())  # samples left out for a NaN/inf reward
         m["policy/nonfinite_advantages"] = float((reward_finite & ~valid).sum())  # ... for a NaN/inf advantage
+        if c.data.groups:  # over the answers the update learns from, as above
+            m.update(group_metrics([g.name for g in self.groups], ro.group_ids[valid], raw, kl_used,
+                                   mask.sum(1)[valid], ro.behaviour[valid] if ro.behaviour is not None else None))
         return m
 
     def _sample_rows(self, ro: Rollout) -> list[dict]:
         n = min(self.config.log.samples_per_log, len(ro.prompts))
         return [{"iteration": self.iteration, "prompt": ro.prompts[i], "completion": ro.gen.texts[i],
-                 "score": ro.raw_scores[i].item(), "components": {k: v[i] for k, v in ro.components.items()}}
+                 "score": ro.raw_scores[i].item(), "components": {k: v[i] for k, v in ro.components.items() if v[i] is not None}}
                 for i in range(n)]
 
     def iteration_step(self, tracker: Tracker, extra_metrics: Callable[["PPOTrainer"], dict] | None = None,

@@ -4,7 +4,8 @@ A reward is any callable that takes three equal-length lists (prompt strings, co
 metadata dict per sample) and returns one float per completion; a NaN or inf means "no reward" for that
 sample (PPO leaves it out of its update and counts it as ``reward/nonfinite``). :func:`build_reward` turns spec
 strings (``contains:red``, ``length:20:80``, ``python:my_rewards.py:score``, ``hf-classifier:./sst2``,
-``model:RM_DIR`` for a reward model trained by ``rlhflab rm train``, ``http:URL`` for a reward server),
+``model:RM_DIR`` for a reward model trained by ``rlhflab rm train``, ``http:URL`` for a reward server,
+``not:SPEC`` for 1 where SPEC scores ≤ 0),
 plain callables, or weighted lists of them into a :class:`Reward`: the weighted sum of its components,
 which also reports each component's unweighted values for the ``reward/<name>`` metrics.
 """
@@ -337,6 +338,20 @@ def _build_http(arg: str | None, base_dir: Path) -> tuple[str, RewardFn]:
         raise _SpecError(str(exc)) from None
 
 
+def _build_not(arg: str | None, base_dir: Path) -> tuple[str, RewardFn]:
+    """`not:SPEC`: 1 where SPEC scores ≤ 0 (the behaviour is absent), else 0 — a reward for leaving it out."""
+    if not arg:
+        raise _SpecError("write not:SPEC, e.g. not:contains:red")
+    name, inner = _component(arg, base_dir)
+
+    def reward(prompts: list[str], completions: list[str], metadata: list[dict]) -> list[float]:
+        # NaN/inf (no reward) stays NaN: the trainer drops that sample instead of calling it a 1
+        return [value if not math.isfinite(value) else float(value <= 0)
+                for value in _run(name, inner, prompts, completions, metadata)]
+
+    return "not_" + name, reward
+
+
 _BUILDERS: dict[str, Callable[[str | None, Path], tuple[str, RewardFn]]] = {
     "contains": _build_contains,
     "regex": _build_regex,
@@ -349,6 +364,7 @@ _BUILDERS: dict[str, Callable[[str | None, Path], tuple[str, RewardFn]]] = {
     "hf-classifier": _build_hf,
     "model": _build_model,
     "http": _build_http,
+    "not": _build_not,
 }
 
 

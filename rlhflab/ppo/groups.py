@@ -1,0 +1,89 @@
+"""Prompt groups in the loop (scoped edits, docs/scoped.md): each group's reward, the per-sample KL weight, the
+behaviour detector, and per-group metrics.
+
+Shapes: B = samples. `group_ids` (B,) holds the index of each sample's group in `config.prompt_groups`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from rlhflab.config import INHERIT_REWARD, PromptGroup
+from rlhflab.rewards.specs import Reward, build_reward
+
+
+def group_rewards(groups: list[PromptGroup], recipe_spec: Any, override: Any = None) -> list[Reward | None]:
+    """Each group's reward: its own spec, the recipe's `reward.spec` (or the caller's `override` callable) when it
+    inherits, None when it has none (its answers score 0 and only the KL penalty acts on them)."""
+    inherited = override if override is not None else recipe_spec
+    shared = None  # groups that inherit share one Reward (one reward model in memory)
+    out: list[Reward | None] = []
+    for g in groups:
+        if g.reward == INHERIT_REWARD:
+            shared = shared or build_reward(inherited)
+            out.append(shared)
+        else:
+            out.append(None if g.reward is None else build_reward(g.reward))
+    return out
+
+
+def behaviour_detector(spec: str | None, rewards: list[Reward | None]) -> Reward | None:
+    """What `group/<name>/behaviour` counts (an answer shows it when the score is > 0): `data.behaviour`, else the
+    first term of the first group's reward (`contains:red` of [contains:red, length]); None when there is neither."""
+    if spec:
+        return build_reward(spec)
+    return Reward(rewards[0].components[:1]) if rewards[0] is not None else None
+
+
+def score_groups(rewards: list[Reward | None], group_ids: list[int], prompts: list[str], completions: list[str],
+                 metadata: list[dict]) -> tuple[list[float], dict[str, list[float | None]]]:
+    """Score each sample with its group's reward. -> (total (B,), component name -> (B,) values, None on the rows
+    of groups that lack that component); a group without a reward scores 0."""
+    total: list[float] = [0.0] * len(group_ids)
+    components: dict[str, list[float | None]] = {}
+    for g, reward in enumerate(rewards):
+        rows = [i for i, gi in enumerate(group_ids) if gi == g]
+        if reward is None or not rows:
+            continue
+        scores, values = reward.score([prompts[i] for i in rows], [completions[i] for i in rows],
+                                      [metadata[i] for i in rows])
+        for i, score in zip(rows, scores):
+            total[i] = score
+        for name, column in values.items():
+            out = components.setdefault(name, [None] * len(group_ids))
+            for i, value in zip(rows, column):
+                out[i] = value
+    return total, components
+
+
+def per_sample(per_group: list[float], group_ids: torch.Tensor) -> torch.Tensor:
+    """A value per group (G,) spread to its samples: group_ids (B,) -> (B,) float, e.g. each answer's KL scale."""
+    return torch.tensor(per_group, dtype=torch.float32, device=group_ids.device)[group_ids]
+
+
+def group_metrics(names: list[str], group_ids: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor,
+                  lengths: torch.Tensor, behaviour: torch.Tensor | None) -> dict[str, float]:
+    """group/<name>/{score, kl, length, behaviour}: per group, the mean raw score, KL per answer (nats), answer length
+    (tokens) and share of answers showing the behaviour. All inputs (B,); groups without samples are left out."""
+    out = {}
+    for g, name in enumerate(names):
+        rows = group_ids == g
+        if not rows.any():
+            continue
+        out[f"group/{name}/score"] = scores[rows].float().mean().item()
+        out[f"group/{name}/kl"] = kl[rows].float().mean().item()
+        out[f"group/{name}/length"] = lengths[rows].float().mean().item()
+        if behaviour is not None:
+            out[f"group/{name}/behaviour"] = (behaviour[rows] > 0).float().mean().item()
+    return out
+
+
+def mode_share(values: list[float], decimals: int = 6) -> float:
+    """Share of the values equal (to `decimals`) to the most common one: 1.0 when every sample scored the same,
+    so the reward gives no signal to learn from."""
+    if not values:
+        return float("nan")
+    return Counter(round(v, decimals) for v in values).most_common(1)[0][1] / len(values)

@@ -1,0 +1,263 @@
+"""Prompt groups (scoped edits): config checks, batch composition, per-sample KL weights, per-group metrics, and
+the alarms a scoped edit needs (answers shrink, behaviour leaks, a reward with no signal)."""
+
+import pytest
+import torch
+
+from rlhflab.config import config_from_dict
+from rlhflab.data.prompts import GroupSampler, PromptSampler
+from rlhflab.errors import UserError
+from rlhflab.evaluation.health import HealthMonitor, check_evaluation, check_health
+from rlhflab.pipelines.train import group_status
+from rlhflab.ppo.advantages import shape_rewards
+from rlhflab.ppo.groups import group_metrics, mode_share, per_sample, score_groups
+from rlhflab.ppo.trainer import PPOTrainer
+from rlhflab.rewards.specs import build_reward
+from rlhflab.runs.tracking import Tracker
+
+
+@pytest.fixture
+def group_files(tmp_path):
+    sky, retain = tmp_path / "sky.txt", tmp_path / "retain.txt"
+    sky.write_text("What color is the sky?\nDescribe the sky.\nName the sky's hue.\n")
+    retain.write_text("What color is grass?\nWhat is 2 + 2?\n")
+    return sky, retain
+
+
+def grouped(tiny_config, sky, retain, **retain_fields) -> dict:
+    raw = tiny_config.model_dump(mode="json")
+    raw["data"] = {"groups": [
+        {"name": "sky", "prompts": str(sky), "share": 0.75, "reward": "regex:[aeiou]"},
+        {"name": "retain", "prompts": str(retain), "share": 0.25, "reward": None, "kl_scale": 4.0,
+         "expect": "unchanged", **retain_fields},
+    ]}  # fmt: skip
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"share": 0.5}, "data.groups: shares sum to 1.25, not 1"),
+    ({"name": "sky"}, "data.groups: the name 'sky' is used twice"),
+    ({"name": "a/b"}, "data.groups.1.name"),
+])  # fmt: skip
+def test_bad_groups_are_one_line_errors_naming_the_key(tiny_config, group_files, change, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        config_from_dict(grouped(tiny_config, *group_files, **change), "recipe.yaml")
+
+
+def test_shares_must_give_whole_prompt_counts(tiny_config, group_files):
+    raw = grouped(tiny_config, *group_files)
+    raw["rollout"]["prompts_per_iteration"] = 2  # 0.75 × 2 = 1.5 prompts
+    with pytest.raises(UserError, match=r"data.groups.sky.share: 0.75 × rollout.prompts_per_iteration 2 = 1.5"):
+        config_from_dict(raw, "recipe.yaml")
+    raw["rollout"]["prompts_per_iteration"] = 4
+    raw["data"]["prompts"] = str(group_files[0])
+    with pytest.raises(UserError, match="data.prompts and data.groups are both set"):
+        config_from_dict(raw, "recipe.yaml")
+
+
+def test_single_form_is_one_group(tiny_config):
+    (group,) = tiny_config.prompt_groups
+    assert (group.prompts, group.share, group.reward, group.kl_scale) == (tiny_config.data.prompts, 1.0,
+                                                                           "reward.spec", 1.0)
+    assert tiny_config.group_prompt_counts() == [4]
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def test_group_sampler_draws_each_groups_share_and_covers_its_prompts():
+    sampler = GroupSampler([3, 2], [3, 1], shuffle=True, seed=0)
+    draws = [sampler.draw() for _ in range(4)]
+    assert all(len(d) == 4 and set(d[:3]) <= {0, 1, 2} and d[3] in {3, 4} for d in draws)
+    assert all(sorted(d[:3]) == [0, 1, 2] for d in draws)  # one shuffled pass of group 0 per draw
+    assert sorted(d[3] for d in draws[:2]) == [3, 4]  # group 1's pass takes two draws
+    state = sampler.state_dict()
+    again = GroupSampler([3, 2], [3, 1], shuffle=True, seed=0)
+    again.load_state_dict(state)
+    assert [again.draw() for _ in range(3)] == [sampler.draw() for _ in range(3)]  # a resumed run draws the same
+    # one group samples exactly as the plain sampler does, and resumes from either's saved state
+    single, plain = GroupSampler([5], [3], True, 7), PromptSampler(5, True, 7)
+    assert [single.draw() for _ in range(3)] == [plain.draw(3) for _ in range(3)]
+    single.load_state_dict(plain.state_dict())
+    assert single.draw() == plain.draw(3)
+
+
+def test_trainer_batch_follows_the_shares(tiny_config, group_files, tmp_path):
+    trainer = PPOTrainer(config_from_dict(grouped(tiny_config, *group_files)), tmp_path)
+    ro = trainer.collect()
+    K = tiny_config.rollout.samples_per_prompt
+    assert ro.group_ids.tolist() == [0] * 3 * K + [1] * 1 * K  # 0.75 and 0.25 of 4 prompts, K samples each
+    retain = {"What color is grass?", "What is 2 + 2?"}
+    assert all((p in retain) == (g == 1) for p, g in zip(ro.prompts, ro.group_ids.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------- KL weights
+
+
+def test_per_sample_kl_coefficient_against_hand_values():
+    kl = torch.tensor([[0.5, 1.0, 0.0], [2.0, 0.0, 0.0]])  # (B=2, T=3)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    beta = 0.1 * per_sample([1.0, 4.0], torch.tensor([0, 1]))  # β × kl_scale: 0.1 and 0.4
+    rewards = shape_rewards(torch.tensor([1.0, 3.0]), kl, mask, beta)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1 + 1.0, 0.0], [-0.8 + 3.0, 0.0, 0.0]]))
+    # a float β is the same as one β for every answer
+    assert torch.equal(shape_rewards(torch.ones(2), kl, mask, 0.1), shape_rewards(torch.ones(2), kl, mask,
+                                                                                   torch.full((2,), 0.1)))
+
+
+def test_trainer_weights_each_groups_kl(tiny_config, group_files, tmp_path):
+    raw = grouped(tiny_config, *group_files, kl_scale=0.0)
+    trainer = PPOTrainer(config_from_dict(raw), tmp_path)
+    ro = trainer.collect()
+    mask, retain = ro.gen.response_mask, ro.group_ids == 1
+    expected = shape_rewards(ro.scores, ro.kl["k1"], mask, trainer.kl_coef * ro.kl_scale)
+    assert torch.allclose(ro.rewards, expected)
+    # kl_scale 0: the retain answers' rewards are their score on the last token and nothing else
+    assert torch.equal(ro.rewards[retain].sum(1), ro.scores[retain]) and ro.scores[retain].eq(0).all()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_score_groups_uses_each_groups_reward():
+    rewards = [build_reward("contains:red"), None, build_reward("not:contains:red")]
+    total, components = score_groups(rewards, [0, 0, 1, 2, 2], ["p"] * 5,
+                                     ["red sky", "blue", "red", "red grass", "green"], [{}] * 5)
+    assert total == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert components == {"contains_red": [1.0, 0.0, None, None, None],
+                          "not_contains_red": [None, None, None, 0.0, 1.0]}
+
+
+def test_group_metrics_against_hand_values():
+    ids = torch.tensor([0, 0, 1, 1, 1])
+    m = group_metrics(["sky", "retain", "empty"], ids, torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0]),
+                      torch.tensor([0.2, 0.4, 1.0, 2.0, 3.0]), torch.tensor([4.0, 6.0, 10.0, 20.0, 30.0]),
+                      torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0]))
+    assert m == pytest.approx({
+        "group/sky/score": 0.5, "group/sky/kl": 0.3, "group/sky/length": 5.0, "group/sky/behaviour": 0.5,
+        "group/retain/score": 2 / 3, "group/retain/kl": 2.0, "group/retain/length": 20.0,
+        "group/retain/behaviour": 1 / 3,
+    })  # fmt: skip
+    assert mode_share([0.0] * 15 + [1.0]) == 15 / 16 and mode_share([0.1, 0.2]) == 0.5
+
+
+def test_progress_line_shows_each_group():
+    m = {"objective/scores": 0.5, "group/sky/length": 18.2, "group/sky/behaviour": 0.81, "group/retain/length": 30.0}
+    assert group_status(m) == "  | sky behaviour 0.81 len 18  | retain len 30"
+    assert group_status({"objective/scores": 0.5}) == ""
+
+
+def test_trainer_logs_per_group_metrics(tiny_config, group_files, tmp_path):
+    raw = grouped(tiny_config, *group_files)
+    raw["data"]["behaviour"] = "regex:[aeiou]"
+    trainer = PPOTrainer(config_from_dict(raw), tmp_path)
+    ro = trainer.collect()
+    m = trainer.rollout_metrics(ro)
+    sky = ro.group_ids == 0
+    assert m["group/sky/score"] == pytest.approx(ro.raw_scores[sky].mean().item())
+    assert m["group/retain/score"] == 0.0  # no task reward
+    lengths = ro.gen.response_mask.sum(1)
+    assert m["group/retain/length"] == pytest.approx(lengths[~sky].mean().item())
+    assert m["group/sky/kl"] == pytest.approx(ro.kl["k1"][sky].sum(1).mean().item(), abs=1e-6)
+    assert m["group/sky/behaviour"] == pytest.approx((ro.raw_scores[sky] > 0).float().mean().item())
+    assert m["reward/regex"] == pytest.approx(ro.raw_scores[sky].mean().item())  # only the rows it scored
+
+
+# ---------------------------------------------------------------------------------------------- alarms
+
+
+def healthy(n: int = 8) -> list[dict]:
+    return [{"iteration": i, "objective/scores": 0.1 * i, "objective/scores_std": 0.3,
+             "objective/scores_mode_share": 0.4, "rollout/response_length": 30.0 - i, "group/sky/length": 28.0,
+             "group/retain/length": 31.0, "group/sky/behaviour": 0.1 * i, "group/retain/behaviour": 0.06 + 0.01 * (i % 2)}
+            for i in range(1, n + 1)]  # fmt: skip
+
+
+def codes(rows: list[dict]) -> list[tuple[str, int]]:
+    return [(n.code, n.iteration) for n in check_health(rows, frozenset({"retain"}))]
+
+
+def test_healthy_scoped_stream_fires_nothing():
+    assert codes(healthy()) == []
+
+
+def test_answers_shrink_fires_after_three_short_iterations():
+    rows = healthy()
+    for row in rows[3:]:
+        row["group/sky/length"] = 3.8  # 28 → 3.8 tokens
+    assert codes(rows) == [("answers_shrink", 6)]
+    assert "group/sky/length = 3.8" in check_health(rows)[0].message
+
+
+def test_behaviour_leak_fires_in_an_unchanged_group_only():
+    rows = healthy()
+    for row in rows[2:]:
+        row["group/retain/behaviour"] = 0.97
+    assert codes(rows) == [("behaviour_leak", 5)]
+    assert check_health(rows) == []  # a group not marked unchanged may change
+
+
+def test_no_signal_fires_when_the_first_iterations_score_alike_and_not_later():
+    rows = healthy()
+    for row in rows[:3]:
+        row["objective/scores_mode_share"] = 15 / 16
+    assert codes(rows) == [("no_signal", 3)]
+    note = check_health(rows)[0]
+    assert "samples_per_prompt" in note.fix and "rloo or grpo" in note.fix
+    # a reward the policy has saturated late in the run is success, not a missing signal
+    late = healthy()
+    for row in late[3:]:
+        row["objective/scores_mode_share"] = 1.0
+    assert codes(late) == []
+
+
+def test_monitor_remembers_unchanged_groups_across_resume():
+    monitor = HealthMonitor(unchanged=frozenset({"retain"}))
+    rows = healthy()
+    for row in rows[2:]:
+        row["group/retain/behaviour"] = 0.9
+    for row in rows[:4]:
+        monitor.update(row)
+    resumed = HealthMonitor(unchanged=frozenset({"retain"}))
+    resumed.load_state_dict(monitor.state_dict())
+    assert [n.code for row in rows[4:] for n in resumed.update(row)] == ["behaviour_leak"]
+
+
+def evaluation(unrelated_rate: float, trained_length: float, unchanged=("unrelated",)) -> dict:
+    side = {"behavior_rate": 0.06, "length": 36.0}
+    return {"behavior": "contains:red", "unchanged": list(unchanged), "groups": {
+        "trained": {"reference": side, "policy": {"behavior_rate": 0.9, "length": trained_length}},
+        "unrelated": {"reference": side, "policy": {"behavior_rate": unrelated_rate, "length": 30.0}},
+    }}  # fmt: skip
+
+
+def test_evaluation_alarms_compare_policy_with_reference():
+    assert check_evaluation(evaluation(0.10, 30.0), 24) == []
+    notes = check_evaluation(evaluation(0.97, 3.8), 24)
+    assert [(n.code, n.iteration) for n in notes] == [("answers_shrink", 24), ("behaviour_leak", 24)]
+    assert "trained 3.8 vs 36.0 tokens" in notes[0].message and "unrelated 0.06 → 0.97" in notes[1].message
+    # a probe file that lists no unchanged groups: the control groups by name (unrelated*, capability*)
+    assert [n.code for n in check_evaluation(evaluation(0.97, 30.0, unchanged=()), 24)] == ["behaviour_leak"]
+
+
+POLITE = '''
+def polite(prompts, completions, metadata):
+    return [float("please" in c.lower() or "thank you" in c.lower()) for c in completions]
+'''
+
+
+def test_a_reward_with_no_signal_is_reported_in_the_first_iterations(tiny_config, tmp_path):
+    """The polite-answers case: a custom Python reward the policy (almost) never earns."""
+    reward_file = tmp_path / "polite.py"
+    reward_file.write_text(POLITE)
+    tiny_config.reward.spec = f"python:{reward_file}:polite"
+    tiny_config.model.lora.enabled = True
+    trainer = PPOTrainer(tiny_config, tmp_path / "run")
+    tracker = Tracker(tmp_path / "run", [], "t", "t", {})
+    monitor = HealthMonitor()
+    notes = [n for _ in range(3) for n in monitor.update({"iteration": trainer.iteration + 1,
+                                                          **trainer.iteration_step(tracker)})]
+    assert [(n.code, n.iteration) for n in notes if n.code == "no_signal"] == [("no_signal", 3)]
