@@ -165,7 +165,7 @@ def test_nan_reward_model_logit_leaves_its_sample_out(prefs, tiny_config, tmp_pa
     train_reward_model(prefs, rm_dir, RM_CONFIG, prompt_format="chat", quiet=True)
     tiny_config.reward.spec = f"model:{rm_dir}"
     trainer = PPOTrainer(tiny_config, tmp_path / "run")
-    head = trainer.reward.components[0][2].model.head
+    head = trainer.rewards[0].components[0][2].model.head
 
     def first_logit_nan(module, inputs, output):
         output = output.clone()

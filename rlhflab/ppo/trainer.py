@@ -242,7 +242,7 @@ class PPOTrainer:
 
     def _warn_nonfinite_reward(self, raw: torch.Tensor, components: dict[str, list[float]]) -> None:
         i = int((~torch.isfinite(raw)).nonzero()[0])
-        name = next((n for n, v in components.items() if not math.isfinite(v[i])), "total")
+        name = next((n for n, v in components.items() if v[i] is not None and not math.isfinite(v[i])), "total")
         self._warn_once("reward", f"reward {name!r} returned {components.get(name, raw.tolist())[i]} for sample {i} "
                                   f"at iteration {self.iteration}: samples with a NaN/inf reward are left out of the "
                                   "update (counted as reward/nonfinite); warned once per run")
@@ -472,9 +472,10 @@ class PPOTrainer:
         if ro.values is not None:
             m["value/explained_variance"] = explained_variance(ro.values, ro.returns, mask).item() if some else nan
             m["value/mean"] = masked_mean(ro.values, mask).item() if some else nan
-        keep = valid.cpu().numpy()
-        for name, values in ro.components.items():
-            m[f"reward/{name}"] = float(np.mean(np.asarray(values)[keep])) if some else nan
+        keep = valid.tolist()
+        for name, values in ro.components.items():  # None: a group whose reward has no such component
+            kept = [v for v, k in zip(values, keep) if k and v is not None]
+            m[f"reward/{name}"] = float(np.mean(kept)) if kept else nan
         reward_finite = torch.isfinite(ro.raw_scores)
         m["reward/nonfinite"] = float((~reward_finite).sum())  # samples left out for a NaN/inf reward
         m["policy/nonfinite_advantages"] = float((reward_finite & ~valid).sum())  # ... for a NaN/inf advantage
