@@ -487,7 +487,8 @@ class PPOTrainer:
     def _sample_rows(self, ro: Rollout) -> list[dict]:
         n = min(self.config.log.samples_per_log, len(ro.prompts))
         return [{"iteration": self.iteration, "prompt": ro.prompts[i], "completion": ro.gen.texts[i],
-                 "score": ro.raw_scores[i].item(), "components": {k: v[i] for k, v in ro.components.items() if v[i] is not None}}
+                 "score": ro.raw_scores[i].item(),
+                 "components": {k: v[i] for k, v in ro.components.items() if v[i] is not None}}
                 for i in range(n)]
 
     def iteration_step(self, tracker: Tracker, extra_metrics: Callable[["PPOTrainer"], dict] | None = None,
