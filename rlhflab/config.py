@@ -369,8 +369,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_recipe(path: Path, what: str = "recipe") -> dict:
-    """The raw mapping of a recipe or a run's saved config.yaml."""
-    return read_yaml(path, what, "pass the path of a YAML recipe (see recipes/)", "sections (model:, rollout:, ...)")
+    """The raw mapping of a recipe or a run's saved config.yaml (`what`: "run config")."""
+    fix = "pass the path of a YAML recipe (see recipes/)" if what == "recipe" else \
+        "the run's config.yaml is damaged; start a new run with `rlhflab train RECIPE --out NEW_DIR`"
+    return read_yaml(path, what, fix, "sections (model:, rollout:, ...)")
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:

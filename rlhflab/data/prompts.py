@@ -91,7 +91,8 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             if line.strip() and not line.lstrip().startswith("#"):
                 prompts.append(Prompt(text=line.strip()))
     if not prompts:
-        raise UserError(f"prompt file '{path}' holds no prompts")
+        raise UserError(f"prompt file '{path}' holds no prompts; write one prompt per line (lines starting with # "
+                        "are comments), or use a .jsonl / .csv with a 'prompt' field")
     return prompts
 
 
