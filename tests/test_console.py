@@ -1,5 +1,6 @@
-"""A clean console: a CLI training run (PPO, probe evaluation, report) prints our own lines only, with every
-warning shown (PYTHONWARNINGS=default): no library warnings, no plain-tqdm bars from transformers."""
+"""A clean console: a CLI training run shaped like recipes/sky_red.yaml (LoRA, a value head on the policy trunk;
+PPO, probe evaluation, merged final model, report) prints our own lines only, with every warning shown
+(PYTHONWARNINGS=default): no library warnings, no plain-tqdm bars from transformers."""
 
 import os
 import subprocess
@@ -15,7 +16,8 @@ def test_tiny_training_run_prints_no_warnings(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "default", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "rlhflab", "train", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(tmp_path / "run"),
-         "--set", "train.iterations=1", "--set", f"eval.probes={tmp_path / 'probes.yaml'}"],
+         "--set", "train.iterations=1", "--set", f"eval.probes={tmp_path / 'probes.yaml'}",
+         "--set", "model.lora.enabled=true", "--set", "model.critic=shared"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     output = proc.stdout + proc.stderr
