@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlhflab.errors import UserError
-from rlhflab.files import write_atomic
+from rlhflab.files import read_yaml, write_atomic
 
 
 class Section(BaseModel):
@@ -434,18 +434,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def read_yaml(path: Path, what: str = "recipe") -> dict:
-    if not path.is_file():
-        raise UserError(f"{what} '{path}' not found; pass the path of a YAML file (see recipes/)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a {what} must be a YAML mapping of sections (model:, rollout:, ...)")
-    return raw
+def read_recipe(path: Path, what: str = "recipe") -> dict:
+    """The raw mapping of a recipe or a run's saved config.yaml (`what`: "run config")."""
+    fix = "pass the path of a YAML recipe (see recipes/)" if what == "recipe" else \
+        "the run's config.yaml is damaged; start a new run with `rlhflab train RECIPE --out NEW_DIR`"
+    return read_yaml(path, what, fix, "sections (model:, rollout:, ...)")
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:
@@ -455,7 +448,7 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML recipe, apply `--set` overrides, validate. Relative paths in it resolve against its folder."""
     path = Path(path)
-    raw = apply_overrides(read_yaml(path), list(overrides))
+    raw = apply_overrides(read_recipe(path), list(overrides))
     config = config_from_dict(raw, str(path))
     return resolve_paths(config, path.parent)
 

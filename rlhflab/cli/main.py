@@ -11,6 +11,7 @@ import typer
 from rlhflab.cli.prefs import prefs_app
 from rlhflab.config import RewardModelConfig
 from rlhflab.errors import UserError, user_errors
+from rlhflab.files import make_dir
 
 app = typer.Typer(help="Steer a language model with PPO and a KL penalty; measure what changed.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -134,6 +135,7 @@ def eval_(
         out = Path(run_dir) / "eval"
     checked = load_probes(probes)
     checked.behavior_reward()  # a bad behaviour spec fails before any model loads
+    make_dir(out)  # and so does an --out that cannot be created
     prompts = sum(map(len, checked.groups.values()))
     typer.echo(f"evaluating {run_dir or model}: {prompts} probe prompts × {checked.samples_per_prompt} samples, "
                "on the policy and on the reference (minutes for the embedded model on a CPU)", err=True)

@@ -10,6 +10,7 @@ Formats, by extension:
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rlhflab.errors import UserError
+from rlhflab.files import read_text
 
 
 @dataclass
@@ -54,13 +56,9 @@ def _from_record(record: dict, where: str) -> Prompt:
     raise UserError(f"{where}: needs a 'prompt' or 'messages' field (found: {', '.join(record) or 'nothing'})")
 
 
-def iter_jsonl(path: Path):
+def iter_jsonl(path: Path, what: str = "JSONL file", fix: str = "pass a UTF-8 file of one JSON object per line"):
     """(line number, object) for each non-blank line; a line that is not a JSON object is a UserError naming it."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read it as UTF-8 text ({e})") from None
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_text(path, what, fix).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -77,25 +75,24 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not path:
         raise UserError("no prompt file: set data.prompts in the recipe (or --set data.prompts=FILE)")
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file '{path}' not found; set data.prompts to an existing .jsonl, .csv or .txt file")
+    what, fix = "prompt file", "set data.prompts to a UTF-8 .jsonl, .csv or .txt file"
     prompts: list[Prompt] = []
     if path.suffix == ".jsonl":
-        for n, record in iter_jsonl(path):
+        for n, record in iter_jsonl(path, what, fix):
             prompts.append(_from_record(record, f"{path}:{n}"))
     elif path.suffix == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "prompt" not in reader.fieldnames:
-                raise UserError(f"{path}:1: the CSV header needs a 'prompt' column (found: {reader.fieldnames})")
-            for n, row in enumerate(reader, 2):
-                prompts.append(_from_record(dict(row), f"{path}:{n}"))
+        reader = csv.DictReader(io.StringIO(read_text(path, what, fix), newline=""))
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise UserError(f"{path}:1: the CSV header needs a 'prompt' column (found: {reader.fieldnames})")
+        for n, row in enumerate(reader, 2):
+            prompts.append(_from_record(dict(row), f"{path}:{n}"))
     else:
-        for line in path.read_text().splitlines():
+        for line in read_text(path, what, fix).splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 prompts.append(Prompt(text=line.strip()))
     if not prompts:
-        raise UserError(f"prompt file '{path}' holds no prompts")
+        raise UserError(f"prompt file '{path}' holds no prompts; write one prompt per line (lines starting with # "
+                        "are comments), or use a .jsonl / .csv with a 'prompt' field")
     return prompts
 
 

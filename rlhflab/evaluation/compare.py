@@ -48,6 +48,7 @@ from rlhflab.evaluation.plots import (
     save_figure,
 )
 from rlhflab.evaluation.report import Run, load_run
+from rlhflab.files import make_dir
 from rlhflab.runs.layout import SWEEP_JSON, short_keys
 
 REWARD, KL, DISTINCT2, ENTROPY = "objective/scores", "objective/kl", "diversity/distinct_2", "objective/entropy"
@@ -397,8 +398,7 @@ def build_compare_document(title: str, groups: list[Group], figures: list[Figure
 def _write(groups: list[Group], out_dir: Path, title: str, setup: list[tuple[str, str]],
            source_text: str | None = None) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
-    plot_dir = out_dir / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    plot_dir = make_dir(out_dir / "plots")
     with mpl.rc_context(PLOT_STYLE):
         figures = [plot_band(spec, groups, plot_dir) for spec in BAND_PLOTS]
         figures.insert(2, plot_frontier(groups, plot_dir))

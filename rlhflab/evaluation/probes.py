@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
@@ -41,6 +40,7 @@ from rlhflab.config import validated
 from rlhflab.data.diversity import distinct_n, self_bleu
 from rlhflab.data.prompts import Prompt, render_prompt
 from rlhflab.errors import UserError
+from rlhflab.files import make_dir, read_yaml
 from rlhflab.ppo.kl import kl_estimators
 from rlhflab.ppo.rollout import Generation, forward_answers, generate
 from rlhflab.ppo.stats import masked_mean
@@ -115,17 +115,8 @@ class Probes(BaseModel):
 def load_probes(path: str | Path) -> Probes:
     """Read and check a probe file; every problem is a one-line UserError naming the file and key (or line)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"probe file '{path}' not found; pass a YAML file like recipes/data/sky_probes.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a probe file must be a YAML mapping with keys behavior, groups (and optionally "
-                        "samples_per_prompt, temperature, max_new_tokens)")
+    raw = read_yaml(path, "probe file", "pass a YAML file like recipes/data/sky_probes.yaml",
+                    "behavior:, groups: (and optionally samples_per_prompt:, temperature:, max_new_tokens:)")
     probes = validated(Probes, raw, str(path))
     probes._base_dir = path.resolve().parent
     return probes
@@ -297,8 +288,7 @@ def format_table(result: dict) -> str:
 
 def write_eval(out_dir: str | Path, result: dict, answers: list[dict]) -> tuple[Path, Path]:
     """Write OUT_DIR/eval.json and OUT_DIR/answers.jsonl (the files `rlhflab report` reads)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out_dir)
     eval_path, answers_path = out_dir / "eval.json", out_dir / "answers.jsonl"
     eval_path.write_text(json.dumps(result, indent=2) + "\n")
     answers_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in answers))
@@ -313,9 +303,9 @@ def _resolve_sides(model: str, reference: str | None) -> dict:
     """Policy/reference specs, prompt format, system prompt and dtype/device from a model spec or a run dir."""
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.yaml").is_file():
-        from rlhflab.config import config_from_dict, read_yaml
+        from rlhflab.config import config_from_dict, read_recipe
 
-        config = config_from_dict(read_yaml(path / "config.yaml", "run config"), str(path / "config.yaml"))
+        config = config_from_dict(read_recipe(path / "config.yaml", "run config"), str(path / "config.yaml"))
         if not (path / "final" / "config.json").is_file():
             raise UserError(f"run '{path}' has no final/ model (unfinished run, or train.save_final was off); "
                             f"finish it with: rlhflab train --resume {path}")

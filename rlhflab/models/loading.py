@@ -94,8 +94,12 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     transformers refuses `save_pretrained` on a GGUF-loaded model, so its state dict goes into a fresh model
     built from the same config.
     """
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
+    # its "Converting and de-quantizing" bar is plain tqdm; transformers' own wrapper obeys disable_progress_bar()
+    gguf_loading.tqdm = logging.tqdm
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -173,7 +177,8 @@ def resolve_model_dir(spec: str) -> str:
             raise UserError(f"model directory '{spec}' has no config.json; is it a Hugging Face model directory?")
         return str(path)
     if path.exists() or spec.startswith((".", "/", "~")):
-        raise UserError(f"model '{spec}' is neither a model directory nor a .gguf file")
+        raise UserError(f"model '{spec}' is neither a model directory nor a .gguf file; pass a run directory, a "
+                        f"Hugging Face model directory, a .gguf file, '{EMBEDDED}' or '{TINY}'")
     return spec  # a hub id
 
 

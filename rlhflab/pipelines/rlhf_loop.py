@@ -38,12 +38,12 @@ from rlhflab.config import (
     Section,
     apply_overrides,
     config_from_dict,
-    read_yaml,
+    read_recipe,
     resolve_paths,
     validated,
 )
 from rlhflab.errors import Stopped
-from rlhflab.files import write_json_atomic
+from rlhflab.files import make_dir, read_yaml, write_json_atomic
 from rlhflab.runs.stopping import StopRequests
 
 
@@ -81,7 +81,8 @@ class LoopConfig(Section):
 def load_loop_config(path: str | Path) -> tuple[LoopConfig, Path]:
     """The loop file, validated, with its paths resolved against its folder; and that folder."""
     path = Path(path)
-    raw = read_yaml(path, "loop file")
+    raw = read_yaml(path, "loop file", "pass a loop file like recipes/rlhf_loop.yaml",
+                    "loop keys (recipe:, rounds:, judge:, ...)")
     config = validated(LoopConfig, raw, str(path))
     base = path.parent.resolve()
 
@@ -102,7 +103,7 @@ def ppo_config(loop: LoopConfig, policy: str | None = None, rm_dir: Path | None 
     """The recipe with the loop's --set overrides, the current policy and the round's reward model
     (None: the recipe's own model.name / reward.spec)."""
     recipe = Path(loop.recipe)
-    raw = apply_overrides(read_yaml(recipe), list(loop.set))
+    raw = apply_overrides(read_recipe(recipe), list(loop.set))
     if policy is not None:
         raw.setdefault("model", {})["name"] = policy
     if rm_dir is not None:
@@ -134,7 +135,7 @@ def run_loop(loop_yaml: str | Path, out_dir: str | Path, *, quiet: bool = False)
     score_spec = loop.score_with or loop.judge
     scorer = build_reward(score_spec, base_dir=base_dir) if score_spec else None
     keep_freed_memory()  # a training job (RM, PPO): large gradient buffers stay in the heap between steps
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"rounds": []}
     db = out / "prefs.db"

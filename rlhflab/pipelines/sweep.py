@@ -36,9 +36,9 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from rlhflab.config import Config, flatten, load_config, read_yaml, validated
+from rlhflab.config import Config, flatten, load_config, validated
 from rlhflab.errors import Stopped, UserError
-from rlhflab.files import write_json_atomic
+from rlhflab.files import make_dir, read_yaml, write_json_atomic
 from rlhflab.runs.checkpoint import latest_checkpoint
 from rlhflab.runs.layout import SWEEP_JSON, short_keys
 from rlhflab.runs.stopping import StopRequests
@@ -98,7 +98,8 @@ class PlannedRun:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; unknown keys and malformed values are UserErrors naming them."""
     path = Path(path)
-    raw = read_yaml(path, "sweep file")
+    raw = read_yaml(path, "sweep file", "pass a sweep file like sweeps/kl_ablation.yaml",
+                    "recipe:, grid:, seeds:, set:")
     sweep = validated(Sweep, raw, str(path))
     settings = flatten(sweep.set)
     if SEED_KEY in sweep.grid or SEED_KEY in settings:
@@ -203,8 +204,7 @@ def run_sweep(sweep_yaml: str | Path, out_dir: str | Path, echo: Callable[[str],
     say = echo or (lambda line: None)
     sweep_path = Path(sweep_yaml)
     sweep, runs = plan_runs(sweep_path)  # every config checked before anything runs
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out_dir)
     with open(out / LOCK, "w") as lock, StopRequests("the current run's iteration") as stop:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -7,9 +7,10 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from rlhflab.config import Config, config_from_dict, read_yaml, save_config
+from rlhflab.config import Config, config_from_dict, read_recipe, save_config
 from rlhflab.errors import Stopped, UserError
 from rlhflab.evaluation.probes import eval_metrics, evaluate, format_table, load_probes, write_eval
+from rlhflab.files import make_dir
 from rlhflab.runs.checkpoint import latest_checkpoint, remove_partial_checkpoints
 from rlhflab.runs.stopping import StopRequests
 from rlhflab.runs.tracking import require_trackers, truncate_jsonl
@@ -44,7 +45,7 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     checkpoint = _start_run_dir(run_dir, resume, console)
     probes = _load_probes(config)  # a bad probe file fails before minutes of model loading
     require_trackers(config.log.trackers)  # and so does a tracker that is not installed
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
     save_config(config, run_dir / "config.yaml")  # first, so --resume works from the earliest kill
     keep_freed_memory()  # large gradient and logit buffers stay in the heap between steps (9 % per iteration)
     seed_everything(config.train.seed)  # model init, sampling and shuffling; a resume restores the saved state
@@ -198,4 +199,4 @@ def load_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise UserError(f"{path} is missing: '{run_dir}' is not a run of rlhflab train, or it stopped before it began; "
                         f"start it with `rlhflab train RECIPE --out {run_dir}`")
-    return config_from_dict(read_yaml(path, "run config"), str(path))
+    return config_from_dict(read_recipe(path, "run config"), str(path))

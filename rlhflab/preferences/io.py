@@ -53,10 +53,9 @@ def import_jsonl(store: PreferenceStore, path: str | Path, *, labeler: str = "im
 def read_jsonl(path: str | Path, *, labeler: str = "import", seed: int = 0) -> list[NewPair]:
     """Parse every line of `path` into a `NewPair`; the first bad line raises a `UserError`."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
     pairs = []
-    for number, record in iter_jsonl(path):
+    fix = "pass a JSONL of prompt/chosen/rejected or prompt/completion_a/completion_b objects, one per line"
+    for number, record in iter_jsonl(path, "preference file", fix):
         try:
             pairs.append(_parse_record(record, f"import:{path.name}", labeler, seed))
         except ValueError as e:

@@ -56,7 +56,7 @@ from torch import nn
 
 from rlhflab.config import RewardModelConfig
 from rlhflab.errors import NonFiniteAbort, Stopped, UserError
-from rlhflab.files import atomic_dir
+from rlhflab.files import atomic_dir, make_dir
 from rlhflab.runs.stopping import StopRequests
 
 INFO_FILE = "rlhflab_rm.json"
@@ -321,6 +321,7 @@ def train_reward_model(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty; pick another --out for the reward model")
+    make_dir(out_dir.parent)  # a bad --out fails now, not after training
     pairs, left_out = load_preferences(data)
     if not pairs:
         raise UserError(f"{data} holds no decided preference pairs (left out: {left_out or 'nothing'}); "
