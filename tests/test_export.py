@@ -245,3 +245,22 @@ def test_export_errors_are_one_line(tmp_path, tiny_config, lora_run):
         export_run(lora_run, "hf", tmp_path / "h", "f16")
     result = runner.invoke(app, ["export", str(lora_run), "--format", "onnx", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--format onnx is not an export format; use one of gguf, adapter, hf" in result.output
+
+
+# ------------------------------------------------------------------------------- a real client (slow)
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_the_f32_export_like_transformers(tmp_path, gguf_roundtrip):
+    """The embedded model exported as f32 GGUF, loaded by llama-cpp-python: its greedy answers to the 8 trained
+    sky probes equal transformers' token for token (a difference is allowed only at a near-tie, gap < 0.01)."""
+    pytest.importorskip("llama_cpp", reason="needs the gguf-client extra (llama-cpp-python)")
+    from pathlib import Path
+
+    from rlhflab.models.loading import EMBEDDED
+
+    bench = gguf_roundtrip
+    probes = Path(__file__).resolve().parent.parent / "recipes" / "data" / "sky_probes.yaml"
+    rows = bench.roundtrip(EMBEDDED, ["f32"], probes, "trained", 40, tmp_path, echo=lambda line: None)["f32"]
+    assert len(rows) == 8 and all(r["same_prompt_tokens"] for r in rows)
+    assert all(r["agree"] or abs(r.get("gap", 1.0)) < 0.01 for r in rows), [r for r in rows if not r["agree"]]
