@@ -244,7 +244,8 @@ def test_export_errors_are_one_line(tmp_path, tiny_config, lora_run):
     with pytest.raises(UserError, match="--dtype applies to --format gguf only"):
         export_run(lora_run, "hf", tmp_path / "h", "f16")
     result = runner.invoke(app, ["export", str(lora_run), "--format", "onnx", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "--format onnx is not an export format; use one of gguf, adapter, hf" in result.output
+    assert result.exit_code == 2
+    assert "--format onnx is not an export format; use one of gguf, adapter, hf" in result.output
 
 
 # ------------------------------------------------------------------------------- a real client (slow)

@@ -38,7 +38,7 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
     model.peft_config["default"].base_model_name_or_path = hub_base_model(config.model.name) or config.model.name
 
     def build(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, save_embedding_layers=False)  # "auto" would look the base up online
         write_card(run_dir, tmp, library_name="peft")  # replaces the template card peft writes
 
     try:

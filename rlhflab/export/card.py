@@ -96,7 +96,8 @@ def _training_facts(config, reward: str) -> list[tuple[str, str]]:
         ("KL penalty", kl),
         ("advantages", f"{c.ppo.advantage_estimator}" + (f", critic: {c.model.critic}" if c.uses_critic else "")),
         ("rollouts per iteration", f"{c.rollout.prompts_per_iteration} prompts × {c.rollout.samples_per_prompt} "
-                                   f"samples, ≤ {c.rollout.max_new_tokens} tokens at T = {fmt(c.rollout.temperature)}"),
+                                   f"samples, ≤ {c.rollout.max_new_tokens} tokens at T = "
+                                   f"{fmt(c.rollout.temperature)}"),
         ("PPO", f"{c.ppo.epochs} epochs, minibatch {c.ppo.minibatch_size}, clip {fmt(c.ppo.clip_range)}"),
         ("optimiser", f"AdamW, learning rate {fmt(c.train.learning_rate)} ({c.train.lr_schedule}), "
                       f"{c.train.iterations} iterations"),
