@@ -128,6 +128,23 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
     return path
 
 
+def atomic_file(final: str | Path, build: Callable[[Path], None]) -> Path:
+    """Run `build(tmp)` to write a temporary sibling file, fsync it and rename it to `final` (for writers that
+    stream a large file themselves, e.g. GGUF). A failed build leaves nothing behind and the old file in place."""
+    final = Path(final)
+    tmp = _temporary_sibling(final)
+    try:
+        build(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+    return final
+
+
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """`data` as indented JSON, atomically."""
     return write_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -68,3 +68,16 @@ def _same_random_state():
     from rlhflab.runs.seeding import seed_everything
 
     seed_everything(0)
+
+
+@pytest.fixture
+def gguf_roundtrip():
+    """bench/gguf_roundtrip.py as a module: the GGUF-vs-transformers comparison the slow tests share with the bench."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "gguf_roundtrip.py"
+    spec = importlib.util.spec_from_file_location("gguf_roundtrip", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -36,8 +36,8 @@ def train(
 ):
     """Train a policy with PPO: rollouts → rewards → advantages → clipped updates, KL to the reference."""
     from rlhflab.config import apply_overrides, config_from_dict, load_config
-    from rlhflab.pipelines.train import load_run_config
     from rlhflab.pipelines.train import train as run_train
+    from rlhflab.runs.layout import load_run_config
 
     if resume is not None:
         config = load_run_config(resume)
@@ -153,6 +153,22 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory written by rl
     html_path, md_path = write_report(run_dir)
     print(html_path)
     print(md_path)
+
+
+@app.command("export")
+@user_errors
+def export(
+    run_dir: str = typer.Argument(..., help="Run directory (for gguf also a model directory, .gguf or model spec)."),
+    format_: str = typer.Option(..., "--format", "-f", help="gguf (llama.cpp), adapter (PEFT, LoRA runs) or hf "
+                                                           "(merged Hugging Face directory)."),
+    out: Path = typer.Option(..., "--out", "-o", help="FILE.gguf for gguf; a new folder for adapter and hf."),
+    dtype: str = typer.Option("f32", "--dtype", help="gguf only: f32, f16 or q8_0 (2-D weights; norms stay f32)."),
+):
+    """Export a trained model: GGUF for llama.cpp clients, a PEFT adapter, or a Hugging Face directory with its card."""
+    from rlhflab.export.run import export_run
+
+    typer.echo(f"exporting {run_dir} as {format_} → {out}", err=True)
+    print(export_run(run_dir, format_, out, dtype))
 
 
 @app.command("config")

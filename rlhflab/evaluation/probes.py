@@ -303,9 +303,9 @@ def _resolve_sides(model: str, reference: str | None) -> dict:
     """Policy/reference specs, prompt format, system prompt and dtype/device from a model spec or a run dir."""
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.yaml").is_file():
-        from rlhflab.config import config_from_dict, read_recipe
+        from rlhflab.runs.layout import load_run_config
 
-        config = config_from_dict(read_recipe(path / "config.yaml", "run config"), str(path / "config.yaml"))
+        config = load_run_config(path)
         if not (path / "final" / "config.json").is_file():
             raise UserError(f"run '{path}' has no final/ model (unfinished run, or train.save_final was off); "
                             f"finish it with: rlhflab train --resume {path}")

@@ -99,7 +99,7 @@ def load_run(run_dir: Path) -> Run:
     )
 
 
-def _last(rows: list[dict], key: str) -> float | None:
+def last_value(rows: list[dict], key: str) -> float | None:
     """The metric's last finite value, or None."""
     values = metric_series(rows, key)[1]
     return values[-1] if values else None
@@ -232,13 +232,13 @@ def _header_blocks(run: Run, notes: list[HealthNote]) -> list[Block]:
     total_time = sum(metric_series(rows, "time/iteration")[1])
     final = [
         ("iterations", fmt(len(rows))),
-        ("final task score", fmt(_last(rows, "objective/scores"))),
-        ("final score − β·KL", fmt(_last(rows, "objective/rlhf_reward"))),
-        ("final KL (nats/answer)", fmt(_last(rows, "objective/kl"))),
-        ("final β", fmt(_last(rows, "objective/kl_coef"))),
-        ("final entropy (nats/token)", fmt(_last(rows, "objective/entropy"))),
-        ("final EOS rate", fmt(_last(rows, "rollout/eos_rate"))),
-        ("final distinct-2", fmt(_last(rows, "diversity/distinct_2"))),
+        ("final task score", fmt(last_value(rows, "objective/scores"))),
+        ("final score − β·KL", fmt(last_value(rows, "objective/rlhf_reward"))),
+        ("final KL (nats/answer)", fmt(last_value(rows, "objective/kl"))),
+        ("final β", fmt(last_value(rows, "objective/kl_coef"))),
+        ("final entropy (nats/token)", fmt(last_value(rows, "objective/entropy"))),
+        ("final EOS rate", fmt(last_value(rows, "rollout/eos_rate"))),
+        ("final distinct-2", fmt(last_value(rows, "diversity/distinct_2"))),
         ("training time", f"{total_time / 60:.1f} min" if total_time else "–"),
         ("health alarms", str(len(notes))),
     ]
@@ -265,16 +265,16 @@ def _policy_kl(group: dict) -> str:
     return f"{fmt(finite_value(policy, 'kl_k1'))} / {fmt(finite_value(policy, 'kl_k3'))}"
 
 
-def _eval_blocks(run: Run, bars: FigureRef | None) -> list[Block]:
-    """The probe-group table, the behaviour bar chart and the greedy before/after answers per group."""
-    evaluation = run.eval or {}
+def probe_blocks(evaluation: dict) -> list[Block]:
+    """The probe-group table (reference → policy per metric) with the paragraph that reads it; also used by
+    the model card."""
     groups = evaluation.get("groups") or {}
     intro = (
         f"Behaviour measured: `{evaluation.get('behavior', '?')}`. Each cell reads reference → policy; KL is the "
         "policy's (the reference's own KL is 0). NLL is the answers' per-token negative log-likelihood under "
         "the reference model, a fluency proxy (higher = less like the reference's own text)."
     )
-    table = Table(
+    return [Text(intro), Table(
         ["group", "behaviour rate", "reward", "KL k1 / k3 (nats)", "NLL under reference (nats/token)",
          "distinct-2", "length (tokens)"],
         [
@@ -282,8 +282,12 @@ def _eval_blocks(run: Run, bars: FigureRef | None) -> list[Block]:
              _arrow(g, "distinct_2"), _arrow(g, "length")]
             for name, g in groups.items()
         ],
-    )  # fmt: skip
-    blocks: list[Block] = [Heading("Probe evaluation"), Text(intro), table]
+    )]  # fmt: skip
+
+
+def _eval_blocks(run: Run, bars: FigureRef | None) -> list[Block]:
+    """The probe-group table, the behaviour bar chart and the greedy before/after answers per group."""
+    blocks: list[Block] = [Heading("Probe evaluation"), *probe_blocks(run.eval or {})]
     if bars:
         blocks.append(Figures([bars]))
     if run.answers:

@@ -1,5 +1,5 @@
 """Whole jobs built from the stages: `train` (the PPO run with its outputs around it: probe evaluations during
-and after training, the report at the end)."""
+and after training, final/ with its model card, the report at the end)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from rlhflab.config import Config, config_from_dict, read_recipe, save_config
+from rlhflab.config import Config, save_config
 from rlhflab.errors import Stopped, UserError
 from rlhflab.evaluation.probes import eval_metrics, evaluate, format_table, load_probes, write_eval
 from rlhflab.files import make_dir
@@ -103,7 +103,9 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
         table = format_table(result)
         warn({}, check_evaluation(result, trainer.iteration))
     if c.train.save_final:
-        trainer.save_final()
+        from rlhflab.export.card import write_card
+
+        write_card(run_dir, trainer.save_final())
     if c.eval.report:
         from rlhflab.evaluation.report import write_report
 
@@ -189,14 +191,3 @@ class _NoProgress:
 
     def update(self, *a, **k):
         pass
-
-
-def load_run_config(run_dir: Path) -> Config:
-    """The resolved config a run saved, for --resume."""
-    path = run_dir / "config.yaml"
-    if not run_dir.is_dir():
-        raise UserError(f"run directory '{run_dir}' not found; pass the --out folder of an earlier run")
-    if not path.is_file():
-        raise UserError(f"{path} is missing: '{run_dir}' is not a run of rlhflab train, or it stopped before it began; "
-                        f"start it with `rlhflab train RECIPE --out {run_dir}`")
-    return config_from_dict(read_recipe(path, "run config"), str(path))
