@@ -81,7 +81,8 @@ class PPOTrainer:
         # rewards first: a broken spec should fail before minutes of model loading
         self.groups = c.prompt_groups
         self.rewards = group_rewards(self.groups, c.reward.spec, reward)  # one per group, None: no task reward
-        self.behaviour = behaviour_detector(c.data.behaviour, self.rewards)
+        # only group metrics count it: a single-group run does not score its batch a second time
+        self.behaviour = behaviour_detector(c.data.behaviour, self.rewards) if c.data.groups else None
         per_group = [load_prompts(g.prompts) for g in self.groups]
         self.prompts = [p for prompts in per_group for p in prompts]
         self.group_of = [g for g, prompts in enumerate(per_group) for _ in prompts]  # prompt index -> group
