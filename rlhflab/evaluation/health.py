@@ -109,9 +109,10 @@ ADVICE: dict[str, tuple[str, str]] = {
         "{spec: 'length:8:60', weight: 0.5}), lower the learning rate or stop earlier (docs/scoped.md)",
     ),
     "behaviour_leak": (
-        "the edit spreads past its target: nothing in training says where the behaviour is not wanted",
-        "train with a retain group (data.groups: expect: unchanged, reward: not:SPEC or null, kl_scale > 1) "
-        "holding prompts like the leaking group's, or raise its share or kl_scale (docs/scoped.md)",
+        "the edit spreads past its target: too little in training says where the behaviour is not wanted",
+        "with no retain group holding prompts like the leaking group's, add one (data.groups: expect: unchanged, "
+        "reward: not:SPEC or null, kl_scale > 1); with one, raise its share or kl_scale or lower the learning "
+        "rate (docs/scoped.md)",
     ),
     "no_signal": (
         "nearly every sample gets the same score, so the advantages carry (almost) no reward signal and the "
