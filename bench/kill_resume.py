@@ -3,8 +3,8 @@
     python bench/kill_resume.py [--trials 20] [--iterations 8] [--seed 0]
 
 Runs recipes/tiny.yaml once uninterrupted, then `trials` times: start the same run, kill it with SIGKILL at a
-random moment between start and the uninterrupted run's duration (so some kills land before the first
-checkpoint, some while a checkpoint is written), then restart it until it finishes: `rlhflab train --resume
+random moment (after a random number of logged iterations, 0 to all but one, plus a random part of an
+iteration: some kills land before the first checkpoint, some while one is written), then restart it until it finishes: `rlhflab train --resume
 RUN` once it has a checkpoint, before that either `--resume` or the original `train` command (both must start it
 again); about half of the first restarts are killed again. Each trial compares metrics.jsonl (every key but timings) and every tensor of final/ with the
 uninterrupted run, exactly. Prints one line per trial and the count that matched. CPU-only, a few minutes.
@@ -37,6 +37,12 @@ def command(run_dir: Path, iterations: int, resume: bool) -> list[str]:
 def start(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    while proc.poll() is None and (metrics.read_text().count("\n") if metrics.exists() else 0) < n:
+        time.sleep(0.02)
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -73,13 +79,18 @@ def main() -> None:
     matched = 0
     for trial in range(1, args.trials + 1):
         run_dir = root / f"trial{trial:02d}"
-        kill_at = rng.uniform(0.5, duration)
+        # a random moment by progress, not by the clock (the machine's speed varies): after `rows` logged
+        # iterations (0: during start-up, before the first checkpoint), a random part of an iteration later
+        rows_before = rng.randint(0, args.iterations - 1)
         proc = start(command(run_dir, args.iterations, resume=False))
+        wait_for_rows(run_dir, rows_before, proc)
+        kill_at = rng.uniform(0.0, duration / args.iterations)
         time.sleep(kill_at)
         finished_first = proc.poll() is not None
         proc.kill()
         proc.wait()
-        reached = len(rows(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+        metrics = run_dir / "metrics.jsonl"
+        reached = metrics.read_text().count("\n") if metrics.exists() else 0  # whole rows (a kill may cut one)
         pointer = run_dir / "checkpoints" / "latest"
         had_checkpoint = pointer.read_text().strip() if pointer.exists() else "none"
         restarts, kills = 0, 1
@@ -104,7 +115,8 @@ def main() -> None:
         ok = (run_dir / "final").is_dir() and same(run_dir, whole)
         matched += ok
         where = "after the end" if finished_first else f"{reached} rows logged"
-        print(f"trial {trial:2d}: killed at {kill_at:4.1f} s ({where}, checkpoint {had_checkpoint}), {kills} kill(s), "
+        print(f"trial {trial:2d}: killed {kill_at:3.1f} s after row {rows_before} ({where}, checkpoint {had_checkpoint}), "
+              f"{kills} kill(s), "
               f"{restarts} restart(s): {'identical' if ok else 'DIFFERENT'}")
     print(f"{matched} of {args.trials} killed-and-resumed runs equal the uninterrupted run bit for bit "
           f"(metrics without timings, final weights)")
