@@ -75,7 +75,11 @@ def main() -> None:
     duration = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"the uninterrupted run failed:\n{err}")
-    print(f"uninterrupted: {args.iterations} iterations in {duration:.1f} s → {whole}")
+    per_iteration = sum(r["time/iteration"] for r in map(json.loads, (whole / "metrics.jsonl").open()))
+    per_iteration /= args.iterations
+    startup = duration - per_iteration * args.iterations  # imports, model, final save: the rest of the run
+    print(f"uninterrupted: {args.iterations} iterations in {duration:.1f} s ({per_iteration:.1f} s per iteration) "
+          f"→ {whole}")
     matched = 0
     for trial in range(1, args.trials + 1):
         run_dir = root / f"trial{trial:02d}"
@@ -84,7 +88,7 @@ def main() -> None:
         rows_before = rng.randint(0, args.iterations - 1)
         proc = start(command(run_dir, args.iterations, resume=False))
         wait_for_rows(run_dir, rows_before, proc)
-        kill_at = rng.uniform(0.0, duration / args.iterations)
+        kill_at = rng.uniform(0.0, per_iteration if rows_before else startup)
         time.sleep(kill_at)
         finished_first = proc.poll() is not None
         proc.kill()
@@ -100,7 +104,7 @@ def main() -> None:
             resume = pointer.exists() or rng.random() < 0.5
             proc = start(command(run_dir, args.iterations, resume=resume))
             if restarts < 4 and rng.random() < 0.5:  # killed again, sooner
-                time.sleep(rng.uniform(0.5, duration / 2))
+                time.sleep(rng.uniform(0.5, startup + per_iteration * args.iterations / 2))
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
