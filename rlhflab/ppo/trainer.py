@@ -465,7 +465,7 @@ class PPOTrainer:
                                   if some and ro.gen.entropy is not None else nan),
             "policy/advantage_var": masked_var(ro.advantages, mask).item() if some else nan,
             "policy/lr": self.policy_sched.get_last_lr()[0],
-            "rollout/response_length": mask.sum(1).mean().item(),
+            "rollout/response_length": ro.gen.response_mask.sum(1).float().mean().item(),  # every answer sampled
             "rollout/eos_rate": ro.gen.has_eos.float().mean().item(),
             "diversity/distinct_1": distinct_n(ro.gen.texts, 1),
             "diversity/distinct_2": distinct_n(ro.gen.texts, 2),
