@@ -14,7 +14,7 @@ import yaml
 
 from rlhflab.errors import Stopped, UserError
 from rlhflab.pipelines.train import train
-from rlhflab.runs.tracking import Tracker
+from rlhflab.runs.tracking import Tracker, wandb_run_id
 
 
 def _run(tiny_config, run_dir, tracker: str, **kwargs):
@@ -132,8 +132,18 @@ def test_resumed_run_continues_its_tracker_runs(tiny_config, tmp_path):
     assert [(r.info.run_id, r.info.status) for r in runs] == [(first_id, "FINISHED")]
     steps = sorted(m.step for m in client.get_metric_history(first_id, "objective/scores"))
     assert steps == [1, 2, 3, 3, 4]  # MLflow keeps every value: iteration 3 from before the kill, and again
-    ids = {path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")}
-    assert len(ids) == 1
+    ids = {path.stem for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")}
+    assert len(ids) == 1 and len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
+    assert wandb_run_id(run_dir) == ids.pop().removeprefix("run-")
+
+
+def test_wandb_run_id_survives_a_resume_in_the_same_second(tmp_path):
+    """A second process in the same second gets the folder offline-run-<time>-<id>-1 (seen in CI)."""
+    for folder in ("offline-run-20261202_020459-yhdcisoe", "offline-run-20261202_020459-yhdcisoe-1"):
+        (tmp_path / "wandb" / folder).mkdir(parents=True)
+        (tmp_path / "wandb" / folder / "run-yhdcisoe.wandb").touch()
+    assert wandb_run_id(tmp_path) == "yhdcisoe"
+    assert wandb_run_id(tmp_path / "elsewhere") is None
 
 
 def test_a_signal_ends_the_tracker_runs_killed(tiny_config, tmp_path):

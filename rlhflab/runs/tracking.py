@@ -32,6 +32,17 @@ def _jsonable(value):
     return value
 
 
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The W&B run id a run directory logged to, None if none. Read from the run file W&B writes
+    (wandb/<mode>-run-<time>-<id>[-N]/run-<id>.wandb), not the folder's name: a process resumed within the same
+    second gets a folder with a -1 suffix."""
+    files = (Path(run_dir) / "wandb").glob("*run-*/run-*.wandb")
+    ids = {path.stem.removeprefix("run-") for path in files}
+    if len(ids) > 1:
+        raise UserError(f"{run_dir / 'wandb'} holds several W&B runs ({', '.join(sorted(ids))}); keep one")
+    return ids.pop() if ids else None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file ([] if absent). A cut-off last line (run killed mid-write) is dropped."""
     if not path.exists():
@@ -124,8 +135,8 @@ class Tracker:
     def _open_wandb(self, project, run_name, config, start):
         import wandb
 
-        runs = sorted((self.run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
-        resume = {"id": runs[-1].name.rsplit("-", 1)[1], "resume": "allow"} if start and runs else {}
+        run_id = wandb_run_id(self.run_dir)
+        resume = {"id": run_id, "resume": "allow"} if start and run_id else {}
         # silent: no banners or sync hints; console off: W&B would wrap stdout/stderr to copy them
         settings = wandb.Settings(silent=True, console="off", disable_git=True, save_code=False)
         run = wandb.init(project=project, name=run_name, config=config, dir=str(self.run_dir),
