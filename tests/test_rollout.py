@@ -21,6 +21,7 @@ from rlhflab.ppo.rollout import (
     generate,
     response_mask_after_eos,
 )
+from rlhflab.runs.seeding import sample_uniforms, stream_seed
 
 CPU = torch.device("cpu")
 
@@ -40,6 +41,32 @@ def test_repeated_prompts_generate_as_if_each_ran_alone(system):
         for row in range(3 * i, 3 * i + 3):
             assert torch.equal(shared.response_ids[row, :t], g.response_ids[0, :t])
             assert torch.allclose(shared.logprobs[row, :t], g.logprobs[0, :t], atol=1e-5)
+
+
+def test_an_answer_drawn_from_its_own_stream_is_the_same_in_any_batch():
+    """With per-sample uniforms, sample i's tokens depend on its stream only: the same answers whether the batch
+    is sampled at once, in chunks, or split between two processes (each sampling its rows with their rows of
+    the uniforms), and whatever the global generator's state."""
+    tok = load_tokenizer("tiny")
+    model = load_causal_lm("tiny", CPU, torch.float32).eval()
+    prompts = [p for p in ["What color is the sky?", "Hi", "Name a colour, please.", "Say something."] for _ in range(2)]
+    uniforms = sample_uniforms((0, 1, 5), range(len(prompts)), 10)
+    torch.manual_seed(1)
+    whole = generate(model, tok, prompts, 10, uniforms=uniforms)
+    torch.manual_seed(2)
+    chunks = generate(model, tok, prompts, 10, uniforms=uniforms, batch_size=3)
+    halves = [generate(model, tok, prompts[s], 10, uniforms=uniforms[s]) for s in (slice(0, 4), slice(4, 8))]
+    assert chunks.texts == whole.texts == halves[0].texts + halves[1].texts
+    assert len(set(whole.texts)) > 4  # sampled, not one answer per prompt
+    other = generate(model, tok, prompts, 10, uniforms=sample_uniforms((1, 1, 5), range(len(prompts)), 10))
+    assert other.texts != whole.texts  # another seed is another stream
+
+
+def test_stream_seeds_depend_on_their_keys_alone():
+    assert stream_seed(0, 1, 2, 3) == stream_seed(0, 1, 2, 3) < 2**63
+    assert len({stream_seed(0, 1, it, i) for it in range(20) for i in range(20)}) == 400
+    a = sample_uniforms((7, 1, 3), [5, 6], 4)
+    assert torch.equal(a[1], sample_uniforms((7, 1, 3), [6], 4)[0]) and ((a >= 0) & (a < 1)).all()
 
 
 def test_prefill_runs_the_shared_prefix_once_and_each_distinct_prompt_once():

@@ -44,11 +44,12 @@ from rlhflab.files import make_dir, read_yaml
 from rlhflab.ppo.kl import kl_estimators
 from rlhflab.ppo.rollout import Generation, forward_answers, generate
 from rlhflab.ppo.stats import masked_mean
-from rlhflab.runs.seeding import seeded
+from rlhflab.runs.seeding import sample_uniforms
 
 SIDES = ("policy", "reference")
 GENERATION_BATCH = 32  # answers per `generate` call
 FORWARD_BATCH = 32  # answers per scoring forward pass
+EVAL_STREAM = 3  # runs.seeding stream of the probe samples (the trainer uses 1 and 2)
 METRICS = (
     "behavior_rate", "reward_mean", "kl_k1", "kl_k3", "entropy", "nll_reference", "distinct_1", "distinct_2",
     "self_bleu", "length", "eos_rate",
@@ -193,7 +194,6 @@ def evaluate(
     started = time.perf_counter()
     k = samples_per_prompt or probes.samples_per_prompt
     reward = probes.behavior_reward()
-    device = next(policy.parameters()).device
     items = [(group, prompt) for group, prompts in probes.groups.items() for prompt in prompts]
     rendered = [render_prompt(Prompt(text=p), tokenizer, prompt_format, system_prompt) for _, p in items]
     texts = [text for text in rendered for _ in range(k)]  # (B,) = prompts × k, grouped by prompt
@@ -202,13 +202,14 @@ def evaluate(
     for i, (group, _) in enumerate(items):
         rows_of[group] += range(i * k, (i + 1) * k)
     models = {"policy": (policy, contextlib.nullcontext), "reference": (reference, reference_context)}
+    uniforms = sample_uniforms((seed, EVAL_STREAM), range(len(texts)), probes.max_new_tokens)
 
     groups: dict[str, dict[str, dict]] = {g: {} for g in probes.groups}
     for side in sides:
         model, context = models[side]
-        with seeded(seed, device), context():
+        with context():  # both sides draw the same numbers: sample i from the stream (seed, EVAL_STREAM, i)
             gen = generate(model, tokenizer, texts, probes.max_new_tokens, probes.temperature,
-                           batch_size=GENERATION_BATCH)
+                           batch_size=GENERATION_BATCH, uniforms=uniforms)
         rewards = reward(shown, gen.texts, [{} for _ in texts])
         # the side's own log-probs come from its sampling pass; the reference's own answers need no second model
         logprobs = gen.logprobs

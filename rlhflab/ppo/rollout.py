@@ -156,10 +156,12 @@ class StepSampler:
     """
 
     def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0, do_sample: bool = True,
-                 record: bool = False):
+                 record: bool = False, uniforms: torch.Tensor | None = None):
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         self.temperature, self.do_sample, self.record = temperature, do_sample, record
+        self.uniforms = uniforms  # (B, max_new_tokens) each row's own draws (seeding.sample_uniforms), or None
+        self.steps = 0
         self.warpers = [TemperatureLogitsWarper(temperature)]
         if top_k > 0:
             self.warpers.append(TopKLogitsWarper(top_k))
@@ -170,6 +172,7 @@ class StepSampler:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         token = self.draw(input_ids, scores) if self.do_sample else scores.argmax(-1, keepdim=True)  # (B, 1)
+        self.steps += 1
         if self.record:  # top-k/top-p restrict the draw only: the log-probs describe the tempered softmax
             self.logprobs.append(logprobs_from_logits(scores, token.squeeze(1), self.temperature))
             self.entropy.append(entropy_from_logits(scores, self.temperature))
@@ -180,7 +183,11 @@ class StepSampler:
         for warp in self.warpers:
             scores = warp(input_ids, scores)
         cdf = torch.softmax(scores.float(), -1).cumsum(-1)  # (B, V)
-        u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]  # (B, 1) in [0, total)
+        if self.uniforms is None:
+            u = torch.rand(len(cdf), 1, device=cdf.device)
+        else:  # a row's token depends on its own stream only, not on the batch it shares
+            u = self.uniforms[:, self.steps : self.steps + 1].to(cdf.device)
+        u = u * cdf[:, -1:]  # (B, 1) in [0, total)
         return torch.searchsorted(cdf, u, right=True)  # first index with cdf > u: never a zero-probability token
 
 
@@ -237,8 +244,13 @@ def generate(
     with_logprobs: bool = True,
     batch_size: int | None = None,
     value_head: nn.Module | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> Generation:
     """Sample one answer per text (repeat texts for several samples per prompt).
+
+    `uniforms` (B, max_new_tokens) gives each answer its own random draws (`runs.seeding.sample_uniforms`): the
+    answer is then the same whatever batch it is sampled in (and on however many processes); None draws from
+    torch's global generator.
 
     Stops as soon as every sequence of a batch has emitted one of the EOS ids (the tokenizer's and the model's
     generation_config.json's). Log-probs come from the raw logits of the sampling steps divided by the
@@ -274,7 +286,8 @@ def generate(
         enc = {k: v.to(device) for k, v in enc.items()}
         prefill = _prefill(model, batch, enc)
         cache, ids, mask = (None, enc["input_ids"], enc["attention_mask"]) if prefill is None else prefill
-        sampler = StepSampler(temperature, top_k, top_p, do_sample, record=with_logprobs)
+        sampler = StepSampler(temperature, top_k, top_p, do_sample, record=with_logprobs,
+                              uniforms=None if uniforms is None else uniforms[start : start + step])
         out = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
                              logits_processor=LogitsProcessorList([sampler]), **decoding)
         q = ids.shape[1]

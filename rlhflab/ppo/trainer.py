@@ -60,20 +60,22 @@ from rlhflab.runs.checkpoint import (
     set_rng_state,
     trainable_state,
 )
+from rlhflab.runs.seeding import sample_uniforms, stream_generator
 from rlhflab.runs.tracking import Tracker, truncate_jsonl
 
 RewardFn = Callable[[list[str], list[str], list[dict]], list[float]]
+ROLLOUT_STREAM, MINIBATCH_STREAM = 1, 2  # runs.seeding streams: the rollout's sampling, the epochs' shuffles
 
 
 class PPOTrainer:
-    def __init__(self, config: Config, run_dir: str | Path, reward: RewardFn | None = None, rank: int = 0):
+    def __init__(self, config: Config, run_dir: str | Path, reward: RewardFn | None = None):
         self.config = c = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.rank = rank
-        # per-rank streams, so processes do not sample the same answers; the global generators are the
-        # caller's to seed (runs.seeding.seed_everything) before building the trainer
-        self.seed = c.train.seed + rank
+        # Sampling and shuffling draw from streams of (seed, stream, iteration, index): the same numbers
+        # whichever process draws them. Model initialisation uses the global generators, the caller's to seed
+        # (runs.seeding.seed_everything) before building the trainer.
+        self.seed = c.train.seed
         self.device = pick_device(c.model.device)
         self.precision = resolve_precision(c.model.dtype, self.device)
         self.dtype = self.precision.param_dtype
@@ -208,11 +210,14 @@ class PPOTrainer:
         idx = [i for i in self.sampler.draw() for _ in range(c.rollout.samples_per_prompt)]
         groups = [self.group_of[i] for i in idx]
         t0 = time.perf_counter()
-        # 1. rollout
+        # 1. rollout: sample j draws its tokens from its own stream (seed, iteration, j)
+        uniforms = sample_uniforms((self.seed, ROLLOUT_STREAM, self.iteration), range(len(idx)),
+                                   c.rollout.max_new_tokens)
         with self.precision.autocast():
             gen = generate(self.policy, self.tokenizer, [self.prompt_texts[i] for i in idx], c.rollout.max_new_tokens,
                            c.rollout.temperature, c.rollout.top_k, c.rollout.top_p,
-                           batch_size=c.rollout.generation_batch_size, value_head=self.critic.policy_head)
+                           batch_size=c.rollout.generation_batch_size, value_head=self.critic.policy_head,
+                           uniforms=uniforms)
         t1 = time.perf_counter()
         # 2. score
         prompts = [self.prompts[i].display for i in idx]
@@ -338,7 +343,7 @@ class PPOTrainer:
         self.policy.train()
         while epochs < c.ppo.epochs and not stopped:
             epochs += 1
-            perm = torch.randperm(N)
+            perm = torch.randperm(N, generator=stream_generator(self.seed, MINIBATCH_STREAM, self.iteration, epochs))
             epoch_kl = []
             for start in range(0, N, mb):
                 rows = perm[start : start + mb]

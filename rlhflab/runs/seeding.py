@@ -28,3 +28,21 @@ def seeded(seed: int, device: torch.device | str = "cpu"):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed that is a function of `keys` alone (e.g. run seed, stream, iteration, global sample index),
+    well mixed (NumPy's SeedSequence), so neighbouring keys give unrelated streams."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def stream_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded with `stream_seed(*keys)`: a random stream that belongs to one thing (a sample, an
+    epoch's shuffle) rather than to a process, so results do not depend on how many processes share the work."""
+    return torch.Generator().manual_seed(stream_seed(*keys))
+
+
+def sample_uniforms(keys: tuple[int, ...], indices, steps: int) -> torch.Tensor:
+    """(len(indices), steps) uniforms in [0, 1): row i from the stream of (*keys, indices[i]), the draws that pick
+    sample i's tokens (rollout.StepSampler) whichever process samples it and whatever else is in its batch."""
+    return torch.stack([torch.rand(steps, generator=stream_generator(*keys, i)) for i in indices])
