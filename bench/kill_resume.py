@@ -24,6 +24,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from rlhflab.runs.tracking import MACHINE_METRICS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -47,7 +49,7 @@ def wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen) -> None:
 
 def rows(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "throughput/"))}
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(MACHINE_METRICS)}
             for line in lines]
 
 

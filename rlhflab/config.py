@@ -216,6 +216,8 @@ class TrainConfig(Section):
     """Write RUN_DIR/final/ as a plain Hugging Face model directory (LoRA merged)."""
     nonfinite_patience: int = Field(10, ge=1)
     """Iterations in a row with nothing usable (every reward or every step NaN/inf) before checkpoint + exit 3."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward instead of storing them: less memory, ~1 more forward."""
 
 
 class LogConfig(Section):

@@ -11,6 +11,7 @@ from rlhflab.evaluation.health import HealthMonitor, check_evaluation, check_hea
 from rlhflab.pipelines.train import group_status
 from rlhflab.ppo.advantages import shape_rewards
 from rlhflab.ppo.groups import group_metrics, mode_share, per_sample, score_groups
+from rlhflab.ppo.metrics import rollout_metrics
 from rlhflab.ppo.trainer import PPOTrainer
 from rlhflab.rewards.specs import build_reward
 from rlhflab.runs.tracking import Tracker
@@ -155,7 +156,7 @@ def test_trainer_logs_per_group_metrics(tiny_config, group_files, tmp_path):
     raw["data"]["behaviour"] = "regex:[aeiou]"
     trainer = PPOTrainer(config_from_dict(raw), tmp_path)
     ro = trainer.collect()
-    m = trainer.rollout_metrics(ro)
+    m = rollout_metrics(ro, trainer.config, trainer.kl_coef, lr=1e-3)
     sky = ro.group_ids == 0
     assert m["group/sky/score"] == pytest.approx(ro.raw_scores[sky].mean().item())
     assert m["group/retain/score"] == 0.0  # no task reward

@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "rlhflab"
 
 # lowest first; the base modules (errors, files, config) sit below every stage
-STAGES = ["base", "data", "runs", "models", "preferences", "rewards", "ppo", "evaluation", "export", "pipelines", "cli"]
+STAGES = ["base", "data", "runs", "models", "distributed", "preferences", "rewards", "ppo", "evaluation", "export", "pipelines", "cli"]
 BASE = {"errors", "files", "config", "__init__"}
 ENTRY = "__main__"  # `python -m rlhflab`: the command, so it sits with cli
 

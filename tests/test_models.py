@@ -119,11 +119,13 @@ def test_building_a_cached_model_leaves_the_random_stream_alone(tmp_path, monkey
 
 def test_in_place_lookup_gradient_equals_autograd_for_tied_embeddings():
     """Full fine-tuning with tied embeddings: the in-place lookup gradient gives autograd's exact gradients,
-    accumulated over two backward passes as gradient accumulation does."""
+    accumulated over two backward passes as gradient accumulation does — also where an answer holds the padding
+    token as a real token (a random model samples it), whose row nn.Embedding keeps gradient-free."""
     from rlhflab.models.loading import add_lookup_grad_in_place
 
     tok = load_tokenizer("tiny")
     ids = tok(["hello there you", "a b c d e f"], padding=True, return_tensors="pt", add_special_tokens=False)
+    ids.input_ids[1, -2] = tok.pad_token_id  # sampled, so attended to (attention_mask 1)
     plain = load_causal_lm("tiny", CPU, torch.float32)
     hooked = load_causal_lm("tiny", CPU, torch.float32)
     assert plain.get_input_embeddings().weight is plain.get_output_embeddings().weight

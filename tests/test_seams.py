@@ -17,7 +17,7 @@ from rlhflab.pipelines.rlhf_loop import judge_score, load_loop_config
 from rlhflab.pipelines.train import train
 from rlhflab.ppo.trainer import PPOTrainer
 from rlhflab.runs.seeding import seed_everything
-from rlhflab.runs.tracking import Tracker
+from rlhflab.runs.tracking import MACHINE_METRICS, Tracker
 
 runner = CliRunner()
 RM_KEYS = {"base": "tiny", "lora": False, "lora_r": 4, "lora_alpha": 8.0, "epochs": 3, "lr": 3e-4, "batch_size": 16,
@@ -139,7 +139,7 @@ def _metrics(config, run_dir, iterations):
     trainer = PPOTrainer(config, run_dir)
     tracker = Tracker(run_dir, [], "t", "t", {})
     rows = [trainer.iteration_step(tracker) for _ in range(iterations)]
-    return [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in rows]
+    return [{k: v for k, v in row.items() if not k.startswith(MACHINE_METRICS)} for row in rows]
 
 
 def test_a_seeded_caller_gets_the_same_run_twice(tiny_config, tmp_path):
@@ -166,7 +166,7 @@ def test_train_seeds_and_tunes_malloc_and_resume_is_bit_exact(tiny_config, tmp_p
 
     def rows(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "throughput/"))}
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(MACHINE_METRICS)}
                 for line in lines]
 
     assert rows("resumed") == rows("straight")

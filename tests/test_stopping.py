@@ -18,13 +18,14 @@ from rlhflab.errors import UserError
 from rlhflab.pipelines.train import train
 from rlhflab.runs.checkpoint import latest_checkpoint
 from rlhflab.runs.seeding import seed_everything
+from rlhflab.runs.tracking import MACHINE_METRICS
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def rows_without_timings(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in rows]
+    return [{k: v for k, v in row.items() if not k.startswith(MACHINE_METRICS)} for row in rows]
 
 
 def _killed_before_first_checkpoint(whole: Path, run_dir: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from rlhflab.pipelines.train import train
 from rlhflab.ppo.trainer import PPOTrainer
-from rlhflab.runs.tracking import Tracker
+from rlhflab.runs.tracking import MACHINE_METRICS, Tracker
 
 
 def _snapshot(module):
@@ -115,7 +115,7 @@ def _rows_without_timings(run_dir):
 
 
 def _without_timings(row: dict) -> dict:
-    return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}
+    return {k: v for k, v in row.items() if not k.startswith(MACHINE_METRICS)}
 
 
 @pytest.mark.parametrize("variant", ["full-gae", "lora-grpo"])

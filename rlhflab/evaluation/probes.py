@@ -39,10 +39,11 @@ from torch import nn
 from rlhflab.config import validated
 from rlhflab.data.diversity import distinct_n, self_bleu
 from rlhflab.data.prompts import Prompt, render_prompt
+from rlhflab.distributed.processes import Processes
 from rlhflab.errors import UserError
 from rlhflab.files import make_dir, read_yaml
 from rlhflab.ppo.kl import kl_estimators
-from rlhflab.ppo.rollout import Generation, forward_answers, generate
+from rlhflab.ppo.rollout import Generation, forward_answers, gather_generation, generate
 from rlhflab.ppo.stats import masked_mean
 from rlhflab.runs.seeding import sample_uniforms
 
@@ -173,6 +174,7 @@ def evaluate(
     seed: int = 0,
     sides: tuple[str, ...] = SIDES,
     logprobs_from_forward: bool = False,
+    processes: Processes | None = None,
 ) -> tuple[dict, list[dict]]:
     """Measure each probe group on each side; return (result, greedy answer rows).
 
@@ -183,7 +185,9 @@ def evaluate(
     the reference's own samples (its log-probs are still used for the policy's KL); `greedy=False` skips the
     greedy answers (rows = []). `logprobs_from_forward` takes each side's log-probs from a forward pass
     rather than its sampling pass: set it when computing in bf16, where the two round differently and a model
-    would otherwise show a KL to itself (docs/ppo.md, Precision).
+    would otherwise show a KL to itself (docs/ppo.md, Precision). With `processes` (a data-parallel run), each
+    process samples its share of the answers and every process returns the whole result: answer i draws from
+    its own stream, so the numbers do not depend on how many processes share the work.
 
     result: {"behavior": spec, "samples_per_prompt", "temperature", "max_new_tokens", "unchanged": [NAME],
              "groups": {NAME: {SIDE: {metric: value}}}, "elapsed_s"}
@@ -202,15 +206,16 @@ def evaluate(
     for i, (group, _) in enumerate(items):
         rows_of[group] += range(i * k, (i + 1) * k)
     models = {"policy": (policy, contextlib.nullcontext), "reference": (reference, reference_context)}
-    uniforms = sample_uniforms((seed, EVAL_STREAM), range(len(texts)), probes.max_new_tokens)
+    processes = processes or Processes()
+    mine = processes.share(len(texts))
+    uniforms = sample_uniforms((seed, EVAL_STREAM), range(len(texts))[mine], probes.max_new_tokens)
 
     groups: dict[str, dict[str, dict]] = {g: {} for g in probes.groups}
     for side in sides:
         model, context = models[side]
         with context():  # both sides draw the same numbers: sample i from the stream (seed, EVAL_STREAM, i)
-            gen = generate(model, tokenizer, texts, probes.max_new_tokens, probes.temperature,
+            gen = generate(model, tokenizer, texts[mine], probes.max_new_tokens, probes.temperature,
                            batch_size=GENERATION_BATCH, uniforms=uniforms)
-        rewards = reward(shown, gen.texts, [{} for _ in texts])
         # the side's own log-probs come from its sampling pass; the reference's own answers need no second model
         logprobs = gen.logprobs
         if logprobs_from_forward:
@@ -220,18 +225,23 @@ def evaluate(
         if side != "reference":
             with reference_context():
                 ref_logprobs, _ = forward_answers(gen, reference, probes.temperature, FORWARD_BATCH)
+        gen = gather_generation(gen, processes, tokenizer.pad_token_id)
+        logprobs, ref_logprobs = processes.gather(logprobs), processes.gather(ref_logprobs)
+        rewards = reward(shown, gen.texts, [{} for _ in texts])
         for group, rows in rows_of.items():
             groups[group][side] = _side_metrics(gen, rows, rewards, logprobs, gen.entropy, ref_logprobs)
 
     answers: list[dict] = []
     if greedy:
         greedy_texts = {}
+        mine = processes.share(len(rendered))
         for side in SIDES:
             model, context = models[side]
             with context():
-                gen = generate(model, tokenizer, rendered, probes.max_new_tokens, do_sample=False,
+                gen = generate(model, tokenizer, rendered[mine], probes.max_new_tokens, do_sample=False,
                                with_logprobs=False, batch_size=GENERATION_BATCH)
-            greedy_texts[side] = (gen.texts, reward([p for _, p in items], gen.texts, [{} for _ in items]))
+            texts_out = processes.gather_objects(gen.texts)
+            greedy_texts[side] = (texts_out, reward([p for _, p in items], texts_out, [{} for _ in items]))
         for i, (group, prompt) in enumerate(items):
             answers.append({
                 "group": group, "prompt": prompt,

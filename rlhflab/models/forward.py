@@ -100,6 +100,31 @@ def forward_response(
     return Forward(logprobs, entropy, values)
 
 
+class ResponseForward(nn.Module):
+    """A causal LM (and a value head on its states) whose `forward` is `forward_response`: the one module a
+    data-parallel engine wraps (DDP, FSDP2), so its hooks see every parameter the PPO loss uses — the policy with
+    a shared value head, or a separate critic. Returns (log-probs, entropy, values), each (B, T) or None."""
+
+    def __init__(self, model: nn.Module, head: ValueHead | None = None):
+        super().__init__()
+        self.model, self.head = model, head
+        # what Accelerate's FSDP2 preparation reads to pick the layers to shard and the embeddings to group
+        self._no_split_modules = getattr(model, "_no_split_modules", None) or getattr(
+            getattr(model, "get_base_model", lambda: model)(), "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask, response_len: int, temperature: float, with_logits: bool = True,
+                with_entropy: bool = False):
+        out = forward_response(self.model, input_ids, attention_mask, response_len, temperature, self.head,
+                               with_logits=with_logits, with_entropy=with_entropy)
+        return out.logprobs, out.entropy, out.values
+
+
 def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> int:
     """Number of leading prompt tokens identical in every row (left-padded prompts, answers of length T at
     the end), keeping at least one prompt token of each row outside it. 0 for a single row."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlhflab.distributed.processes import Processes
+from rlhflab.distributed.throughput import matmul_weights
 from rlhflab.errors import UserError
-from rlhflab.models.forward import Forward, ValueHead, forward_response
+from rlhflab.models.forward import Forward, ResponseForward, ValueHead
 from rlhflab.ppo.rollout import Generation, forward_answers
-from rlhflab.runs.checkpoint import load_optimizer_state, optimizer_state, trainable_state
 
 
 class Critic:
@@ -28,8 +29,19 @@ class Critic:
     scheduler = None
 
     def parameters(self) -> list[nn.Parameter]:
-        """What the critic's optimizer steps."""
+        """What the critic's optimizer steps (after `wrap`: sharded ones are the shards)."""
         return list(self.head.parameters()) if self.head is not None else []
+
+    def wrap(self, processes: Processes) -> None:
+        """Prepare a value model of its own for data-parallel training (DDP / FSDP2), before its optimizer."""
+
+    def modules(self) -> list[nn.Module]:
+        """Wrapped modules of its own (the trainer gathers FSDP2 shards of them for the rollout)."""
+        return []
+
+    def matmul_weights(self) -> int:
+        """Weights of a model of its own that multiply each token's activations (distributed/throughput.py)."""
+        return 0
 
     def rollout_values(self, gen: Generation, temperature: float, batch_size: int) -> torch.Tensor | None:
         """(B, T) V(s_t) of the rollout before the update, or None."""
@@ -49,24 +61,24 @@ class Critic:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Checkpoint tensor groups (name -> state dict)."""
+    def tensors(self, processes: Processes) -> dict[str, dict[str, torch.Tensor]]:
+        """Checkpoint tensor groups (name -> whole tensors; gathering shards is a collective)."""
         if self.head is None:
             return {}
-        return {"value_head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()}}
+        return {"value_head": processes.full_state(self.head)}
 
-    def load_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    def load_tensors(self, tensors: dict[str, dict[str, torch.Tensor]], processes: Processes) -> None:
         if self.head is not None:
-            self.head.load_state_dict(tensors["value_head"])
+            processes.load_full_state(self.head, tensors["value_head"])
 
-    def optimizer_state(self) -> dict:
+    def optimizer_state(self, processes: Processes) -> dict:
         """Checkpoint state of the optimizer and scheduler (None where there is none)."""
-        return {"critic_opt": optimizer_state(self.optimizer) if self.optimizer else None,
+        return {"critic_opt": processes.optimizer_state(self.optimizer) if self.optimizer else None,
                 "critic_sched": self.scheduler.state_dict() if self.scheduler else None}
 
-    def load_optimizer_state(self, state: dict) -> None:
+    def load_optimizer_state(self, state: dict, processes: Processes) -> None:
         if self.optimizer is not None:
-            load_optimizer_state(self.optimizer, state["critic_opt"])
+            processes.load_optimizer_state(self.optimizer, state["critic_opt"])
             self.scheduler.load_state_dict(state["critic_sched"])
 
 
@@ -92,24 +104,36 @@ class SeparateCritic(Critic):
 
     def __init__(self, model: nn.Module, head: ValueHead):
         self.model, self.head = model, head
+        lm_head = model.get_output_embeddings()
+        if lm_head is not None and lm_head.weight is not model.get_input_embeddings().weight:
+            lm_head.requires_grad_(False)  # values come from hidden states: an untied LM head is never used
+        self.forward = ResponseForward(model, head)  # what the update calls (wrapped for several processes)
         self.loss_coef = 1.0
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad] + super().parameters()
 
+    def wrap(self, processes):
+        self.forward = processes.wrap(self.forward)
+
+    def modules(self):
+        return [self.forward]
+
+    def matmul_weights(self):
+        return matmul_weights(self.model, lm_head=False)
+
     def rollout_values(self, gen, temperature, batch_size):
         return forward_answers(gen, self.model, temperature, batch_size, self.head, with_logits=False)[1]
 
     def update_values(self, policy_out, input_ids, attention_mask, response_len, temperature):
-        return forward_response(self.model, input_ids, attention_mask, response_len, temperature, self.head,
-                                with_logits=False).values
+        return self.forward(input_ids, attention_mask, response_len, temperature, with_logits=False)[2]
 
-    def tensors(self):
-        return {**super().tensors(), "critic": trainable_state(self.model)}
+    def tensors(self, processes):
+        return {**super().tensors(processes), "critic": processes.full_state(self.model, trainable_only=True)}
 
-    def load_tensors(self, tensors):
-        super().load_tensors(tensors)
-        self.model.load_state_dict(tensors["critic"], strict=False)
+    def load_tensors(self, tensors, processes):
+        super().load_tensors(tensors, processes)
+        processes.load_full_state(self.model, tensors["critic"])
 
 
 def critic_from_reward_model(rm_dir: str, head: ValueHead, hidden_size: int, device: torch.device) -> nn.Module:

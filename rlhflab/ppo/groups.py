@@ -59,6 +59,16 @@ def score_groups(rewards: list[Reward | None], group_ids: list[int], prompts: li
     return total, components
 
 
+def gather_components(components: dict[str, list[float | None]], rows: int, processes) -> dict[str, list]:
+    """`score_groups`' components of every process's share (`rows` samples each), concatenated in rank order: a
+    share that holds no sample of a group lacks that group's components, which are None on its rows."""
+    if processes.world_size == 1:
+        return components
+    shares = processes.gather_objects([components])  # one dict per process
+    names = list(dict.fromkeys(name for share in shares for name in share))
+    return {name: [v for share in shares for v in share.get(name, [None] * rows)] for name in names}
+
+
 def per_sample(per_group: list[float], group_ids: torch.Tensor) -> torch.Tensor:
     """A value per group (G,) spread to its samples: group_ids (B,) -> (B,) float, e.g. each answer's KL scale."""
     return torch.tensor(per_group, dtype=torch.float32, device=group_ids.device)[group_ids]

@@ -52,6 +52,18 @@ class Generation:
         return ids, mask, t
 
 
+def gather_generation(gen: Generation, processes, pad_id: int) -> Generation:
+    """Every process's answers as one batch, rows in rank order; prompts stay left-padded, answers right-padded
+    (padding columns change nothing a forward computes: position ids skip them)."""
+    if processes.world_size == 1:
+        return gen
+    return Generation(
+        processes.gather(gen.query_ids, pad_id, left=True), processes.gather(gen.query_mask, 0, left=True),
+        processes.gather(gen.response_ids, pad_id), processes.gather(gen.response_mask),
+        processes.gather(gen.has_eos), processes.gather(gen.logprobs), processes.gather(gen.entropy),
+        processes.gather(gen.values), processes.gather_objects(gen.texts))
+
+
 @dataclass
 class Rollout:
     """One iteration's experience: the generation plus everything scored and estimated about it."""
@@ -73,6 +85,7 @@ class Rollout:
     kl_scale: torch.Tensor | None = None  # (B,) its group's multiplier of β (data.groups[].kl_scale)
     behaviour: torch.Tensor | None = None  # (B,) the behaviour detector's score (> 0: the answer shows it)
     valid: torch.Tensor | None = None  # (B,) bool: reward and advantages finite (None: all); the others train nothing
+    local_tokens: int = 0  # prompt + answer tokens this process sampled (its share of the batch)
 
     @property
     def loss_mask(self) -> torch.Tensor:

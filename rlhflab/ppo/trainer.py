@@ -26,11 +26,14 @@ from torch import nn
 
 from rlhflab.config import Config
 from rlhflab.data.prompts import GroupSampler, load_prompts, render_prompt, resolve_prompt_format
+from rlhflab.distributed.processes import Processes, check_divisible, whole
 from rlhflab.errors import NonFiniteAbort, UserError
-from rlhflab.models.forward import ValueHead, forward_response
+from rlhflab.distributed.throughput import gpu_peak_flops, matmul_weights, throughput_metrics
+from rlhflab.models.forward import Forward, ResponseForward, ValueHead
 from rlhflab.models.loading import (
     add_lookup_grad_in_place,
     add_lora,
+    enable_gradient_checkpointing,
     load_causal_lm,
     load_tokenizer,
     pick_device,
@@ -45,21 +48,13 @@ from rlhflab.ppo.advantages import (
     shape_rewards,
 )
 from rlhflab.ppo.critic import Critic, SeparateCritic, SharedHeadCritic, critic_from_reward_model
-from rlhflab.ppo.groups import behaviour_detector, group_metrics, group_rewards, mode_share, per_sample, score_groups
+from rlhflab.ppo.groups import behaviour_detector, gather_components, group_rewards, per_sample, score_groups
 from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
 from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss
-from rlhflab.ppo.rollout import Rollout, forward_answers, generate
-from rlhflab.ppo.stats import explained_variance, finite_rows, masked_mean, masked_sum, masked_var, masked_whiten
-from rlhflab.runs.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    load_optimizer_state,
-    optimizer_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    trainable_state,
-)
+from rlhflab.ppo.metrics import rollout_metrics, sample_rows
+from rlhflab.ppo.rollout import Rollout, forward_answers, gather_generation, generate
+from rlhflab.ppo.stats import finite_rows, masked_sum, masked_whiten
+from rlhflab.runs.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from rlhflab.runs.seeding import sample_uniforms, stream_generator
 from rlhflab.runs.tracking import Tracker, truncate_jsonl
 
@@ -68,15 +63,21 @@ ROLLOUT_STREAM, MINIBATCH_STREAM = 1, 2  # runs.seeding streams: the rollout's s
 
 
 class PPOTrainer:
-    def __init__(self, config: Config, run_dir: str | Path, reward: RewardFn | None = None):
+    def __init__(self, config: Config, run_dir: str | Path, reward: RewardFn | None = None,
+                 processes: Processes | None = None):
         self.config = c = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # One process, or this process's place in a data-parallel run (distributed/processes.py): it samples and
+        # scores its share of each batch, trains its share of each minibatch, and computes everything else on
+        # the gathered batch, so N processes give what one gives.
+        self.processes = processes or Processes(device=pick_device(c.model.device))
+        check_divisible(c, self.processes.world_size)
         # Sampling and shuffling draw from streams of (seed, stream, iteration, index): the same numbers
         # whichever process draws them. Model initialisation uses the global generators, the caller's to seed
         # (runs.seeding.seed_everything) before building the trainer.
         self.seed = c.train.seed
-        self.device = pick_device(c.model.device)
+        self.device = self.processes.device
         self.precision = resolve_precision(c.model.dtype, self.device)
         self.dtype = self.precision.param_dtype
 
@@ -96,8 +97,14 @@ class PPOTrainer:
         self.sampler = GroupSampler([len(p) for p in per_group], c.group_prompt_counts(), c.data.shuffle, self.seed)
 
         self.policy, self.ref_model = self._build_policy_and_reference()
-        self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         self.critic = self._build_critic()
+        self.matmul_weights = {"policy": matmul_weights(self.policy), "critic": self.critic.matmul_weights()}
+        self.peak_flops = gpu_peak_flops(self.device)  # (FLOP/s, source) for MFU; None: unknown (CPUs)
+        # what the update calls: the policy and a value head on its trunk, wrapped for several processes (DDP,
+        # FSDP2); sampling and scoring use self.policy itself. Optimizers come after: FSDP2 replaces parameters.
+        self.policy_forward = self.processes.wrap(ResponseForward(self.policy, self.critic.policy_head))
+        self.critic.wrap(self.processes)
+        self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         # the policy's schedule spans the steps it takes: none during critic warm-up
         policy_iterations = c.train.iterations - c.ppo.critic_warmup_iterations
         self.policy_opt, self.policy_sched = self._optimizer(self.policy_params, c.train.learning_rate,
@@ -121,15 +128,25 @@ class PPOTrainer:
     def _build_policy_and_reference(self):
         c = self.config
         policy = load_causal_lm(c.model.name, self.device, self.dtype)
+        if c.train.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
         if c.model.lora.enabled:
             # The reference is the same base with adapters disabled: no second copy of the weights.
             policy = add_lora(policy, c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules)
             return policy, None
         embeddings = policy.get_input_embeddings()
-        if isinstance(embeddings, nn.Embedding) and embeddings.weight is policy.get_output_embeddings().weight:
+        tied = isinstance(embeddings, nn.Embedding) and embeddings.weight is policy.get_output_embeddings().weight
+        if tied and self.processes.world_size == 1:  # DDP and FSDP2 all-reduce what autograd accumulates, not this
             add_lookup_grad_in_place(embeddings)
         ref = load_causal_lm(c.model.name, self.device, self.dtype).eval().requires_grad_(False)
         return policy, ref
+
+    def _fresh_policy(self) -> nn.Module:
+        """A new policy on the CPU, as built before training (LoRA included), for whole weights to load into."""
+        c = self.config
+        model = load_causal_lm(c.model.name, torch.device("cpu"), self.dtype)
+        lora = c.model.lora
+        return add_lora(model, lora.r, lora.alpha, lora.target_modules) if lora.enabled else model
 
     def _build_critic(self) -> Critic:
         c = self.config
@@ -142,6 +159,8 @@ class PPOTrainer:
             model = critic_from_reward_model(c.model.critic_init, head, self.policy.config.hidden_size, self.device)
         else:
             model = load_causal_lm(c.model.name, self.device, self.dtype)
+        if c.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         if c.model.lora.enabled:
             model = add_lora(model, c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules)
         return SeparateCritic(model, head)
@@ -205,43 +224,54 @@ class PPOTrainer:
         return scores * valid
 
     def collect(self) -> Rollout:
-        """Stages 1-4: rollout, score, KL-shaped rewards, advantages."""
-        c = self.config
+        """Stages 1-4: rollout, score, KL-shaped rewards, advantages. This process samples, scores and runs the
+        forwards of its share of the batch; from the gathered batch every process computes the same advantages."""
+        c, processes = self.config, self.processes
         idx = [i for i in self.sampler.draw() for _ in range(c.rollout.samples_per_prompt)]
         groups = [self.group_of[i] for i in idx]
-        t0 = time.perf_counter()
-        # 1. rollout: sample j draws its tokens from its own stream (seed, iteration, j)
-        uniforms = sample_uniforms((self.seed, ROLLOUT_STREAM, self.iteration), range(len(idx)),
-                                   c.rollout.max_new_tokens)
-        with self.precision.autocast():
-            gen = generate(self.policy, self.tokenizer, [self.prompt_texts[i] for i in idx], c.rollout.max_new_tokens,
-                           c.rollout.temperature, c.rollout.top_k, c.rollout.top_p,
-                           batch_size=c.rollout.generation_batch_size, value_head=self.critic.policy_head,
-                           uniforms=uniforms)
-        t1 = time.perf_counter()
-        # 2. score
         prompts = [self.prompts[i].display for i in idx]
         metadata = [dict(self.prompts[i].metadata) for i in idx]
-        total, components = score_groups(self.rewards, groups, prompts, gen.texts, metadata)
-        behaviour = self.behaviour(prompts, gen.texts, metadata) if self.behaviour is not None else None
-        raw = torch.tensor(total, dtype=torch.float32, device=self.device)
+        mine = processes.share(len(idx))  # whole prompts: prompts_per_iteration is a multiple of the processes
+        t0 = time.perf_counter()
+        with processes.gathered(self.policy_forward, *self.critic.modules()):
+            # 1. rollout: sample j draws its tokens from its own stream (seed, iteration, j)
+            uniforms = sample_uniforms((self.seed, ROLLOUT_STREAM, self.iteration), range(len(idx))[mine],
+                                       c.rollout.max_new_tokens)
+            with self.precision.autocast():
+                gen = generate(self.policy, self.tokenizer, [self.prompt_texts[i] for i in idx[mine]],
+                               c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_k, c.rollout.top_p,
+                               batch_size=c.rollout.generation_batch_size, value_head=self.critic.policy_head,
+                               uniforms=uniforms)
+            t1 = time.perf_counter()
+            # 2. score
+            total, components = score_groups(self.rewards, groups[mine], prompts[mine], gen.texts, metadata[mine])
+            behaviour = self.behaviour(prompts[mine], gen.texts, metadata[mine]) if self.behaviour else None
+            t2 = time.perf_counter()
+            # 3. reference log-probs, values (old log-probs too, when recomputed)
+            if self.recomputes_old_logprobs:
+                self._recompute_old_logprobs(gen)
+            ref_logprobs, values = self._score_forwards(gen)
+        t3 = time.perf_counter()
+        # the whole batch on every process
+        gen = gather_generation(gen, processes, self.tokenizer.pad_token_id)
+        ref_logprobs, values = processes.gather(ref_logprobs), processes.gather(values)
+        raw = processes.gather(torch.tensor(total, dtype=torch.float32, device=self.device))
+        components = gather_components(components, len(total), processes)
+        if behaviour is not None:
+            behaviour = processes.gather(torch.tensor(behaviour, dtype=torch.float32, device=self.device))
         valid = torch.isfinite(raw)  # (B,) a NaN/inf reward is "no reward": the sample sits out the update
         if not valid.all():
             self._warn_nonfinite_reward(raw, components)
         scores = self._normalize_scores(raw, gen.has_eos.to(self.device), valid)
-        t2 = time.perf_counter()
-        # 3. reference log-probs, values, per-token KL (old log-probs too, when recomputed)
-        if self.recomputes_old_logprobs:
-            self._recompute_old_logprobs(gen)
-        ref_logprobs, values = self._score_forwards(gen)
         mask = gen.response_mask
         kl = kl_estimators(gen.logprobs, ref_logprobs)
         kl = {k: v * mask for k, v in kl.items()}
         ro = Rollout(gen, prompts, metadata, scores, raw, components, ref_logprobs, values, kl, valid=valid)
         ro.group_ids = torch.tensor(groups, device=self.device)
         ro.kl_scale = per_sample([g.kl_scale for g in self.groups], ro.group_ids)
-        ro.behaviour = torch.tensor(behaviour, device=self.device) if behaviour is not None else None
-        ro.timings = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forwards": time.perf_counter() - t2}
+        ro.behaviour = behaviour
+        ro.timings = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forwards": t3 - t2}
+        ro.local_tokens = int(gen.attention_mask[mine].sum())  # this process's share, for throughput
         # 4. advantages
         self._advantages(ro)
         return ro
@@ -299,8 +329,7 @@ class PPOTrainer:
         mask = ro.loss_mask[rows, :t]  # (b, T') 0 on samples left out for a NaN/inf reward
         w = loss_weights(mask, c.ppo.loss_normalization, denominator)  # (b, T')
         with self.precision.autocast():
-            out = forward_response(self.policy, i, a, t, c.rollout.temperature, self.critic.policy_head,
-                                   with_entropy=c.ppo.entropy_coef > 0)
+            out = Forward(*self.policy_forward(i, a, t, c.rollout.temperature, with_entropy=c.ppo.entropy_coef > 0))
         terms, stats = {}, {}
         terms["policy"], pg = policy_loss(out.logprobs, gen.logprobs[rows, :t], ro.advantages[rows, :t], mask,
                                           c.ppo.clip_range, c.ppo.dual_clip, w)
@@ -321,7 +350,9 @@ class PPOTrainer:
         """What the update minimises; during critic warm-up only the value loss."""
         c = self.config
         loss = self.critic.loss_coef * terms["value"] if "value" in terms else 0.0
-        if train_policy:
+        if not train_policy:  # zero weight, yet every policy weight stays in the graph, as DDP requires
+            loss = loss + 0.0 * terms["policy"]
+        else:
             loss = loss + terms["policy"]
             if "kl" in terms:
                 loss = loss + self.kl_coef * terms["kl"]
@@ -340,7 +371,8 @@ class PPOTrainer:
         stats: dict[str, list[float]] = {}
         epochs = steps = nonfinite = 0
         stopped = False
-        self.policy.train()
+        for module in (self.policy_forward, *self.critic.modules()):
+            module.train()  # gradient checkpointing acts in training mode only (dropout is off everywhere)
         while epochs < c.ppo.epochs and not stopped:
             epochs += 1
             perm = torch.randperm(N, generator=stream_generator(self.seed, MINIBATCH_STREAM, self.iteration, epochs))
@@ -382,27 +414,43 @@ class PPOTrainer:
         return out
 
     def _accumulate(self, ro: Rollout, rows: torch.Tensor, train_policy: bool) -> dict[str, float] | None:
-        """Backward of one minibatch's micro-batches, gradients left for the step. -> its stats (micro-batch
-        terms are shares of the minibatch's value: they add up, the max excepted), or None when the minibatch
-        holds no valid sample or a micro-batch's loss is NaN/inf (the gradients so far are then garbage)."""
-        c = self.config
+        """Backward of this process's share of one minibatch, micro-batch by micro-batch; the gradients, summed
+        over every process (DDP / FSDP2, in the last backward), are left for the step. -> the minibatch's stats
+        over every process (terms are shares of the minibatch's value: they add up, the max excepted), or None
+        when the minibatch holds no valid sample or a loss was NaN/inf on any process (the gradients are then
+        garbage; every process still ran every backward, as data-parallel training requires)."""
+        c, processes = self.config, self.processes
         mask = ro.loss_mask[rows]
         if not mask.any():
             return None
-        denominator = loss_denominator(mask, c.ppo.loss_normalization)
-        mb_stats: dict[str, float] = {}
-        for m in range(0, len(rows), c.micro_batch_size):
-            terms, micro_stats = self.loss_terms(ro, rows[m : m + c.micro_batch_size], denominator)
-            loss = self.total_loss(terms, train_policy)
-            if not torch.isfinite(loss):
-                self._warn_once("step", f"iteration {self.iteration}: loss is {loss.item()} (policy loss "
-                                        f"{terms['policy'].item()}); the optimizer step was skipped (counted as "
-                                        "policy/skipped_nonfinite); warned once")
-                return None
-            loss.backward()
+        denominator = loss_denominator(mask, c.ppo.loss_normalization)  # of the whole minibatch
+        mine = rows[processes.share(len(rows))]
+        starts = range(0, len(mine), c.micro_batch_size)
+        sums: dict[str, torch.Tensor] = {}
+        ratio_max = torch.zeros((), device=self.device)
+        nonfinite = torch.zeros((), device=self.device)
+        for m in starts:
+            last = m == starts[-1]  # gradients all-reduce in the minibatch's last backward only
+            with nullcontext() if last else processes.no_sync(self.policy_forward, *self.critic.modules()):
+                terms, micro_stats = self.loss_terms(ro, mine[m : m + c.micro_batch_size], denominator)
+                loss = self.total_loss(terms, train_policy)
+                # DDP and FSDP2 average gradients over the processes; each loss is its process's share of the sum
+                (loss * processes.world_size).backward()
+            nonfinite += (~torch.isfinite(loss.detach())).float()
             for k, v in {**{f"loss/{k}": v for k, v in terms.items()}, **micro_stats}.items():
-                mb_stats[k] = max(mb_stats.get(k, 0.0), v.item()) if k == "policy/ratio_max" \
-                    else mb_stats.get(k, 0.0) + v.item()
+                if k == "policy/ratio_max":
+                    ratio_max = torch.maximum(ratio_max, v.detach())
+                else:
+                    sums[k] = sums.get(k, 0.0) + v.detach()
+        names = list(sums)
+        summed = processes.sum(torch.stack([nonfinite, *(sums[k] for k in names)]).float()).tolist()
+        if summed[0]:
+            self._warn_once("step", f"iteration {self.iteration}: loss is {summed[1 + names.index('loss/policy')]} "
+                                    "(policy loss); the optimizer step was skipped (counted as "
+                                    "policy/skipped_nonfinite); warned once")
+            return None
+        mb_stats = dict(zip(names, summed[1:]))
+        mb_stats["policy/ratio_max"] = processes.max(ratio_max).item()
         return mb_stats
 
     def _step(self, skip: bool, train_policy: bool) -> float:
@@ -435,8 +483,8 @@ class PPOTrainer:
         """Gradient norm before clipping to `ppo.max_grad_norm` (None: no clipping)."""
         max_norm = self.config.ppo.max_grad_norm
         if max_norm is not None:
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        return float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            return float(whole(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        return float(whole(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])))
 
     def _zero_grad(self) -> None:
         # the policy's too during warm-up: a shared head's value loss leaves gradients in the trunk
@@ -447,56 +495,6 @@ class PPOTrainer:
     # -----------------------------------------------------------------------------------------------
     # stage 6: record
 
-    def rollout_metrics(self, ro: Rollout) -> dict[str, float]:
-        from rlhflab.data.diversity import distinct_n
-
-        # means over the B' samples the update learns from; NaN when there are none
-        c, mask, valid, nan = self.config, ro.loss_mask, ro.valid, float("nan")
-        per_answer = {k: v.sum(1)[valid] for k, v in ro.kl.items()}  # (B',) nats per answer
-        kl_used = per_answer[c.ppo.optimized_kl_estimator]
-        raw = ro.raw_scores[valid]  # (B',)
-        some = bool(valid.any())
-        m = {
-            "objective/scores": raw.mean().item() if some else nan,
-            "objective/scores_std": raw.std().item() if len(raw) > 1 else 0.0,
-            "objective/scores_mode_share": mode_share(raw.tolist()),
-            "objective/kl": kl_used.mean().item() if some else nan,
-            "objective/kl_k1": per_answer["k1"].mean().item() if some else nan,
-            "objective/kl_k2": per_answer["k2"].mean().item() if some else nan,
-            "objective/kl_k3": per_answer["k3"].mean().item() if some else nan,
-            "objective/kl_coef": self.kl_coef,
-            "objective/rlhf_reward": (raw - self.kl_coef * ro.kl_scale[valid] * kl_used).mean().item() if some else nan,
-            "objective/entropy": (masked_mean(ro.gen.entropy, mask).item()
-                                  if some and ro.gen.entropy is not None else nan),
-            "policy/advantage_var": masked_var(ro.advantages, mask).item() if some else nan,
-            "policy/lr": self.policy_sched.get_last_lr()[0],
-            "rollout/response_length": ro.gen.response_mask.sum(1).float().mean().item(),  # every answer sampled
-            "rollout/eos_rate": ro.gen.has_eos.float().mean().item(),
-            "diversity/distinct_1": distinct_n(ro.gen.texts, 1),
-            "diversity/distinct_2": distinct_n(ro.gen.texts, 2),
-        }
-        if ro.values is not None:
-            m["value/explained_variance"] = explained_variance(ro.values, ro.returns, mask).item() if some else nan
-            m["value/mean"] = masked_mean(ro.values, mask).item() if some else nan
-        keep = valid.tolist()
-        for name, values in ro.components.items():  # None: a group whose reward has no such component
-            kept = [v for v, k in zip(values, keep) if k and v is not None]
-            m[f"reward/{name}"] = float(np.mean(kept)) if kept else nan
-        reward_finite = torch.isfinite(ro.raw_scores)
-        m["reward/nonfinite"] = float((~reward_finite).sum())  # samples left out for a NaN/inf reward
-        m["policy/nonfinite_advantages"] = float((reward_finite & ~valid).sum())  # ... for a NaN/inf advantage
-        if c.data.groups:  # over the answers the update learns from, as above
-            m.update(group_metrics([g.name for g in self.groups], ro.group_ids[valid], raw, kl_used,
-                                   mask.sum(1)[valid], ro.behaviour[valid] if ro.behaviour is not None else None))
-        return m
-
-    def _sample_rows(self, ro: Rollout) -> list[dict]:
-        n = min(self.config.log.samples_per_log, len(ro.prompts))
-        return [{"iteration": self.iteration, "prompt": ro.prompts[i], "completion": ro.gen.texts[i],
-                 "score": ro.raw_scores[i].item(),
-                 "components": {k: v[i] for k, v in ro.components.items() if v[i] is not None}}
-                for i in range(n)]
-
     def iteration_step(self, tracker: Tracker, extra_metrics: Callable[["PPOTrainer"], dict] | None = None,
                        on_row: Callable[[dict], None] | None = None) -> dict[str, float]:
         """One iteration. `extra_metrics(trainer)` may add keys (e.g. probe evaluation) before the row is logged;
@@ -506,7 +504,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         ro = self.collect()  # stages 1-4
         t1 = time.perf_counter()
-        metrics = {**self.rollout_metrics(ro), **ro.timings}
+        metrics = {**rollout_metrics(ro, c, self.kl_coef, self.policy_sched.get_last_lr()[0]), **ro.timings}
         metrics.update(self.update(ro))  # stage 5
         usable = bool(ro.valid.any()) and self.update_usable
         self.nonfinite_streak = 0 if usable else self.nonfinite_streak + 1
@@ -515,16 +513,15 @@ class PPOTrainer:
         if c.ppo.adaptive_kl_target is not None and math.isfinite(metrics["objective/kl"]):
             self.kl_coef = adaptive_kl_coef(self.kl_coef, metrics["objective/kl"], c.ppo.adaptive_kl_target,
                                               c.ppo.adaptive_kl_horizon, c.rollout_batch_size)
-        tokens = int(ro.gen.attention_mask.sum())
         metrics.update({"time/rollout": t1 - t0, "time/update": t2 - t1, "time/iteration": t2 - t0,
-                        "throughput/tokens_per_s": tokens / (t2 - t0)})
+                        **self._throughput(ro, int(metrics["policy/epochs"]), t2 - t0)})
         if extra_metrics is not None:
             metrics.update(extra_metrics(self))
         tracker.log(metrics, self.iteration)
         if on_row is not None:
             on_row({"iteration": self.iteration, **metrics})
         if c.log.sample_every and self.iteration % c.log.sample_every == 0:
-            tracker.log_samples(self._sample_rows(ro))
+            tracker.log_samples(sample_rows(ro, self.iteration, c.log.samples_per_log))
         saved = None
         if self.iteration % max(c.train.checkpoint_every, 1) == 0 and c.train.checkpoint_every:
             saved = self.save()
@@ -532,6 +529,13 @@ class PPOTrainer:
             raise NonFiniteAbort(self._nonfinite_cause(ro) + f"; checkpoint at {saved or self.save()}; fix it and "
                                  f"continue with `rlhflab train --resume {self.run_dir}`")
         return metrics
+
+    def _throughput(self, ro: Rollout, epochs: int, seconds: float) -> dict[str, float]:
+        tokens = int(ro.gen.attention_mask.sum())  # every process's
+        forwards = (self.ref_model is not None or self.config.model.lora.enabled) + self.recomputes_old_logprobs
+        return throughput_metrics(self.matmul_weights, tokens, ro.local_tokens, int(ro.gen.response_mask.sum()),
+                                  forwards, epochs, self.config.model.lora.enabled, seconds, self.processes,
+                                  self.peak_flops)
 
     def _nonfinite_cause(self, ro: Rollout) -> str:
         """What left the last of `train.nonfinite_patience` iterations in a row with nothing to learn from."""
@@ -548,49 +552,66 @@ class PPOTrainer:
     # checkpoints
 
     def save(self) -> Path:
-        tensors = {"policy": trainable_state(self.policy), **self.critic.tensors()}
+        """A checkpoint of this iteration, written by process 0; every process calls it (gathering sharded
+        tensors is a collective). It holds whole tensors, so any number of processes can resume it."""
+        processes = self.processes
+        tensors = {"policy": processes.full_state(self.policy, trainable_only=True), **self.critic.tensors(processes)}
         state = {
             "iteration": self.iteration,
             "kl_coef": self.kl_coef,
             "nonfinite_streak": self.nonfinite_streak,
-            "policy_opt": optimizer_state(self.policy_opt),
+            "policy_opt": processes.optimizer_state(self.policy_opt),
             "policy_sched": self.policy_sched.state_dict(),
-            **self.critic.optimizer_state(),
+            **self.critic.optimizer_state(processes),
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
+            "rng_per_process": processes.gather_objects([rng_state()]),  # [process 0's, process 1's, ...]
             "extra": {name: obj.state_dict() for name, obj in self.checkpoint_extras.items()},
         }
-        return save_checkpoint(self.run_dir, self.iteration, tensors, state, self.config.train.keep_checkpoints)
+        path = self.run_dir / "checkpoints"
+        if processes.is_main:
+            path = save_checkpoint(self.run_dir, self.iteration, tensors, state, self.config.train.keep_checkpoints)
+        processes.barrier()  # no process runs ahead of a checkpoint it might be killed before
+        return path
 
     def resume(self) -> None:
         """Continue from the latest checkpoint: weights, optimizers, schedulers, β, sampler, RNG streams and
-        `checkpoint_extras` (each one the checkpoint holds)."""
+        `checkpoint_extras` (each one the checkpoint holds). Every process reads it; a different number of
+        processes than the one that saved it is fine (the sampling streams belong to samples, not processes)."""
+        processes = self.processes
         path = latest_checkpoint(self.run_dir)
         if path is None:
             raise UserError(f"{self.run_dir} has no checkpoint to resume from (checkpoints/latest is missing)")
         tensors, state = load_checkpoint(path)
-        self.policy.load_state_dict(tensors["policy"], strict=False)
-        self.critic.load_tensors(tensors)
-        load_optimizer_state(self.policy_opt, state["policy_opt"])
+        processes.load_full_state(self.policy, tensors["policy"])
+        self.critic.load_tensors(tensors, processes)
+        processes.load_optimizer_state(self.policy_opt, state["policy_opt"])
         self.policy_sched.load_state_dict(state["policy_sched"])
-        self.critic.load_optimizer_state(state)
+        self.critic.load_optimizer_state(state, processes)
         self.sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        per_process = state.get("rng_per_process", [])
+        set_rng_state(per_process[processes.rank] if len(per_process) == processes.world_size else state["rng"])
         for name, obj in self.checkpoint_extras.items():
             if name in state["extra"]:  # one saved by a script without it (PPOTrainer alone) stays as built
                 obj.load_state_dict(state["extra"][name])
         self.iteration, self.kl_coef = state["iteration"], state["kl_coef"]
         self.nonfinite_streak = state.get("nonfinite_streak", 0)  # checkpoints from before the counter: 0
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            truncate_jsonl(self.run_dir / name, self.iteration)
+        if processes.is_main:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                truncate_jsonl(self.run_dir / name, self.iteration)
 
     def save_final(self) -> Path:
-        """RUN_DIR/final: a plain HF model directory (LoRA merged) that loads without rlhflab."""
+        """RUN_DIR/final: a plain HF model directory (LoRA merged) that loads without rlhflab, written by
+        process 0; every process calls it."""
+        c, processes = self.config, self.processes
         out = self.run_dir / "final"
-        model = self.policy
-        if self.config.model.lora.enabled:
+        model = processes.whole_model(self.policy, self._fresh_policy)  # None on processes but 0 when sharded
+        if model is not None and c.model.lora.enabled:
             model = model.merge_and_unload()
-            self.policy = model
-        model.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
+            if not processes.sharded:
+                self.policy = model
+        if processes.is_main:
+            model.save_pretrained(out)
+            self.tokenizer.save_pretrained(out)
+        processes.barrier()
         return out

@@ -20,6 +20,8 @@ from rlhflab.config import flatten
 from rlhflab.errors import UserError
 from rlhflab.files import write_atomic
 
+# prefixes of metrics that measure the machine (and its load), not the run: left out when runs are compared
+MACHINE_METRICS = ("time/", "throughput/", "memory/")
 MLFLOW_DB = "mlflow.db"  # the run's MLflow store: sqlite:///RUN_DIR/mlflow.db
 _MLFLOW_BAD = re.compile(r"[^/\w.\- :]")  # characters MLflow refuses in a metric name
 
@@ -192,3 +194,16 @@ class Tracker:
         backends, self.backends = self.backends, []
         for _, close_fn in backends:
             close_fn(status)
+
+
+class NullTracker:
+    """The tracker of every process but process 0 in a data-parallel run: process 0 writes the run's logs."""
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_samples(self, rows: list[dict]) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
