@@ -57,6 +57,13 @@ def check_divisible(config: Config, world_size: int) -> None:
                             "launch a number of processes that divides it")
 
 
+def fsdp_units(module: nn.Module) -> list[nn.Module]:
+    """The module's FSDP2 units (modules `fully_shard` was applied to), outermost first; [] when not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
 class Processes:
     """The processes of a run: rank, world size, device, and the collectives. `Processes()` is one process."""
 
@@ -85,7 +92,7 @@ class Processes:
                             "itself; launch with --mixed_precision no and set model.dtype in the recipe")
         plugin = None
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-            plugin = accelerator.state.fsdp_plugin or FullyShardedDataParallelPlugin()
+            plugin = getattr(accelerator.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
             if plugin.fsdp_version != 2:
                 raise UserError(f"FSDP version {plugin.fsdp_version} in the launch config: rlhflab runs FSDP2; set "
                                 "fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
@@ -159,16 +166,23 @@ class Processes:
     # -------------------------------------------------------------------------------------------------
     # models
 
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, *example) -> nn.Module:
         """A trained module ready for data-parallel training: DDP (gradients all-reduced in backward) or FSDP2
-        (parameters sharded, gathered layer by layer); unchanged in one process. Build its optimizer after."""
+        (parameters sharded, gathered layer by layer); unchanged in one process. Build its optimizer after.
+        `example`: the inputs of one forward pass run through the sharded module at once, because FSDP2 makes
+        the first module to run forward its root, and sampling runs the model inside the wrapper."""
         if self.world_size == 1:
             return module
-        if self.sharded:
-            from accelerate.utils import fsdp2_prepare_model
+        if not self.sharded:
+            return self.accelerator.prepare_model(module)
+        from accelerate.utils import fsdp2_prepare_model
 
-            return fsdp2_prepare_model(self.accelerator, module)
-        return self.accelerator.prepare_model(module)
+        module = fsdp2_prepare_model(self.accelerator, module)
+        with torch.no_grad():
+            module(*example)
+        for unit in fsdp_units(module):  # units kept whole after forward would hand the optimizer whole tensors
+            unit.reshard()
+        return module
 
     @staticmethod
     def unwrap(module: nn.Module) -> nn.Module:
@@ -194,9 +208,7 @@ class Processes:
         (sampling stops when a process's answers end): FSDP2 gathers every shard once on entry and keeps them
         until exit — memory: one full copy of the modules' parameters per process for that time. DDP and one
         process hold whole parameters already."""
-        from torch.distributed.fsdp import FSDPModule
-
-        units = [m for module in modules for m in module.modules() if isinstance(m, FSDPModule)]
+        units = [unit for module in modules for unit in fsdp_units(module)]
         for unit in units:
             unit.set_reshard_after_forward(False, recurse=False)
             unit.unshard()
@@ -205,6 +217,8 @@ class Processes:
         finally:
             for unit in units:
                 unit.reshard()
+                # training's setting, as torch documents for evals; it drops Accelerate's keep-whole choice for
+                # the root and the final norm + LM head unit (one more all-gather of those in the backward)
                 unit.set_reshard_after_forward(True, recurse=False)
 
     def full_state(self, module: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:

@@ -118,6 +118,12 @@ class ResponseForward(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
+    @staticmethod
+    def example(device: torch.device) -> tuple:
+        """Inputs of the smallest forward pass: a 1-token prompt and a 1-token answer."""
+        ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+        return ids, torch.ones_like(ids), 1, 1.0
+
     def forward(self, input_ids, attention_mask, response_len: int, temperature: float, with_logits: bool = True,
                 with_entropy: bool = False):
         out = forward_response(self.model, input_ids, attention_mask, response_len, temperature, self.head,

@@ -114,7 +114,7 @@ class SeparateCritic(Critic):
         return [p for p in self.model.parameters() if p.requires_grad] + super().parameters()
 
     def wrap(self, processes):
-        self.forward = processes.wrap(self.forward)
+        self.forward = processes.wrap(self.forward, *ResponseForward.example(processes.device))
 
     def modules(self):
         return [self.forward]

@@ -102,7 +102,8 @@ class PPOTrainer:
         self.peak_flops = gpu_peak_flops(self.device)  # (FLOP/s, source) for MFU; None: unknown (CPUs)
         # what the update calls: the policy and a value head on its trunk, wrapped for several processes (DDP,
         # FSDP2); sampling and scoring use self.policy itself. Optimizers come after: FSDP2 replaces parameters.
-        self.policy_forward = self.processes.wrap(ResponseForward(self.policy, self.critic.policy_head))
+        self.policy_forward = self.processes.wrap(ResponseForward(self.policy, self.critic.policy_head),
+                                                  *ResponseForward.example(self.device))
         self.critic.wrap(self.processes)
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         # the policy's schedule spans the steps it takes: none during critic warm-up
