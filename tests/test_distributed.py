@@ -116,13 +116,26 @@ def assert_same_run(a: Path, b: Path, exact: bool = False) -> None:
 def test_two_processes_give_what_one_gives(tiny_config, tmp_path, accelerate_config, reward_file, one_thread):
     """Every variant in one launch of 2 processes, then each in this process alone."""
     variants = VARIANTS if accelerate_config == "ddp.yaml" else [("gae", False), ("grpo", True)]
-    jobs = [{"config": _config(tiny_config, e, lora, reward_file), "out": str(tmp_path / f"two-{e}-{lora}")}
-            for e, lora in variants]
+    configs = {(e, lora): _config(tiny_config, e, lora, reward_file) for e, lora in variants}
+    # the first also evaluates probes, 5 answers per side: 3 on process 0, 2 on process 1
+    (tmp_path / "probes.yaml").write_text(json.dumps({
+        "behavior": "regex:[aeiou]", "samples_per_prompt": 1, "max_new_tokens": 6,
+        "groups": {"sky": ["What color is the sky?", "Name a color.", "Hi"], "other": ["Say something.", "2+2?"]}}))
+    configs[variants[0]]["eval"]["probes"] = str(tmp_path / "probes.yaml")
+    jobs = [{"config": config, "out": str(tmp_path / f"two-{e}-{lora}")} for (e, lora), config in configs.items()]
     _launch(jobs, tmp_path, accelerate_config)
-    for estimator, lora in variants:
+    for (estimator, lora), config in configs.items():
         one = tmp_path / f"one-{estimator}-{lora}"
-        train(config_from_dict(_config(tiny_config, estimator, lora, reward_file)), one, quiet=True)
+        train(config_from_dict(config), one, quiet=True)
         assert_same_run(one, tmp_path / f"two-{estimator}-{lora}")
+    one, two = (json.loads((tmp_path / f"{n}-gae-False" / "eval" / "eval.json").read_text()) for n in ("one", "two"))
+    assert one["groups"].keys() == two["groups"].keys() == {"sky", "other"}
+    for group, sides in one["groups"].items():
+        for side, metrics in sides.items():
+            for key, value in metrics.items():
+                assert math.isclose(value, two["groups"][group][side][key], rel_tol=1e-6, abs_tol=1e-6), key
+    greedy = [(tmp_path / f"{n}-gae-False" / "eval" / "answers.jsonl").read_text() for n in ("one", "two")]
+    assert greedy[0] == greedy[1] and greedy[0].count("\n") == 5
 
 
 def test_two_processes_killed_and_resumed_continue_exactly(tiny_config, tmp_path, reward_file, one_thread):
@@ -140,6 +153,20 @@ def test_two_processes_killed_and_resumed_continue_exactly(tiny_config, tmp_path
         else:
             train(config_from_dict(config), run, resume=True, quiet=True)
         assert_same_run(tmp_path / "unbroken", run, exact=resumed_by == "two")
+
+
+def test_the_command_line_launched_on_two_processes_gives_what_one_gives(tmp_path, one_thread):
+    """`accelerate launch ... -m rlhflab train recipes/tiny.yaml` against `rlhflab train recipes/tiny.yaml`."""
+    args = ["train", str(ROOT / "recipes" / "tiny.yaml"), "-q", "--set", "eval.report=false"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
+               str(_free_port()), "-m", "rlhflab", *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 def test_accelerate_cpu_flag_starting_one_process_is_a_one_line_error(tiny_config, tmp_path, monkeypatch):

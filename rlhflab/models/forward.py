@@ -88,7 +88,8 @@ def forward_response(
     hidden = _packed_response_states(trunk, input_ids, attention_mask, response_len) if pack else None
     if hidden is None:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state  # no KV cache: nothing follows this pass
         hidden = hidden[:, -response_len - 1 : -1]  # (B, T, H): the states that predict each response token
     values = value_head(hidden) if value_head is not None else None
     logprobs = entropy = None
@@ -200,7 +201,7 @@ def _packed_response_states(trunk, input_ids, attention_mask, response_len: int)
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     visible = (owner[:, None, :] == -1) | (owner[:, None, :] == owner[:, :, None])  # (R, query, key)
     mask4d = (causal & visible)[:, None]  # (R, 1, W, W); padding queries see the prefix or earlier padding
-    hidden = trunk(input_ids=ids, attention_mask=mask4d, position_ids=positions).last_hidden_state  # (R, W, H)
+    hidden = trunk(input_ids=ids, attention_mask=mask4d, position_ids=positions, use_cache=False).last_hidden_state
     # answer token j of row b is predicted by the state just before it: offset + prompt_rest - 1 + j
     index = torch.empty(B, T, dtype=torch.long, device=device)
     steps = torch.arange(T, device=device)

@@ -41,6 +41,28 @@ CHATML_TEMPLATE = (
 )
 
 
+def _qwen2_0_5b():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                       rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def _llama_1b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                       rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+# Randomly initialised models of real shapes, built from a config (no download), to measure speed and memory at
+# scale: Qwen2-0.5B's and Llama-3.2-1B's layer shapes and vocabularies. They read text with the embedded
+# model's tokenizer (its ids fit both vocabularies) and say nothing sensible.
+RANDOM_SHAPES = {"random-qwen2-0.5b": _qwen2_0_5b, "random-llama-1b": _llama_1b}
+
+
 def cache_dir() -> Path:
     """Where converted models live: $RLHFLAB_CACHE, else ~/.cache/rlhflab."""
     return Path(os.environ.get("RLHFLAB_CACHE", Path.home() / ".cache" / "rlhflab"))
@@ -203,7 +225,7 @@ def load_tokenizer(spec: str):
     """Tokenizer with a pad token distinct from EOS (implementation detail 1) and left padding (detail 2)."""
     from transformers import AutoTokenizer
 
-    tokenizer = from_pretrained(AutoTokenizer, spec)
+    tokenizer = from_pretrained(AutoTokenizer, EMBEDDED if spec in RANDOM_SHAPES else spec)
     tokenizer.padding_side = "left"
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer of '{spec}' has no EOS token; answers could never end")
@@ -239,9 +261,28 @@ def disable_dropout(model: nn.Module) -> None:
 def load_causal_lm(spec: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
+    if spec in RANDOM_SHAPES:
+        model = _random_shape(spec, dtype)
+    else:
+        model = from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
     disable_dropout(model)
     return model.to(device)
+
+
+def _random_shape(spec: str, dtype: torch.dtype) -> nn.Module:
+    """A RANDOM_SHAPES model, the same weights every time (a policy and its frozen reference must agree), with the
+    embedded tokenizer's special ids."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(spec)
+    config = RANDOM_SHAPES[spec]()
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
 
 
 class SamplingModel(NamedTuple):
@@ -275,7 +316,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Keep only each decoder layer's input in the forward and recompute the rest in the backward: activation
     memory O(layers) instead of O(layers × layer internals), for about one more forward pass of compute. The
     gradient is the same (tested). Non-reentrant: works with frozen inputs (LoRA) and under DDP/FSDP2."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x's name for it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def add_lora(model: nn.Module, r: int, alpha: float, target_modules, adapter_name: str = "default"):
