@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from rlhflab.cli import app
 from rlhflab.config import Config, config_from_dict
-from rlhflab.distributed.processes import Processes, check_divisible, check_launch
+from rlhflab.distributed.launch import check_launch
+from rlhflab.distributed.processes import Processes, check_divisible
 from rlhflab.errors import UserError
 from rlhflab.pipelines.train import train
 from rlhflab.runs.tracking import MACHINE_METRICS
@@ -178,6 +179,12 @@ def test_accelerate_cpu_flag_starting_one_process_is_a_one_line_error(tiny_confi
         check_launch()
     result = CliRunner().invoke(app, ["train", str(ROOT / "recipes/tiny.yaml"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "started 1 process" in result.output and "Traceback" not in result.output
+
+
+def test_only_train_runs_under_a_launcher(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["config"])
+    assert result.exit_code == 2 and "only `rlhflab train` runs on several processes" in result.output
 
 
 def test_batch_sizes_that_do_not_split_over_the_processes_are_refused(tiny_config):

@@ -19,9 +19,14 @@ app.add_typer(prefs_app, name="prefs")
 
 
 @app.callback()
-def _process_settings():
+def _process_settings(ctx: typer.Context):
+    from rlhflab.distributed.launch import launched
     from rlhflab.models.loading import quiet_transformers
 
+    if launched() and ctx.invoked_subcommand != "train":
+        typer.secho(f"error: only `rlhflab train` runs on several processes; run `rlhflab {ctx.invoked_subcommand}` "
+                    "without a launcher", fg="red", err=True)
+        raise typer.Exit(2)
     quiet_transformers()  # the command prints its own progress; transformers' bars and advisories are noise here
 
 

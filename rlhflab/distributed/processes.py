@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from rlhflab.config import Config
+from rlhflab.distributed.launch import check_launch, launched
 from rlhflab.errors import UserError
 from rlhflab.models.loading import pick_device
 from rlhflab.runs.checkpoint import load_optimizer_state, optimizer_state
@@ -31,20 +32,6 @@ from rlhflab.runs.checkpoint import load_optimizer_state, optimizer_state
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor as a whole: an FSDP2 shard (DTensor) gathered from every process (a collective), else itself."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def launched() -> bool:
-    """True inside a multi-process launch (torchrun and `accelerate launch` set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def check_launch() -> None:
-    """`accelerate launch --cpu --num_processes N` starts one process unless MPI is set up: say so rather than
-    train alone. That launcher sets MASTER_ADDR for N > 1 but no WORLD_SIZE."""
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
-    if use_cpu and "MASTER_ADDR" in os.environ and not launched():
-        raise UserError("`accelerate launch --cpu` started 1 process: without MPI it cannot start more; on CPU use "
-                        "`accelerate launch --multi_gpu --num_processes N` (gloo, no GPU needed) or torchrun")
 
 
 def check_divisible(config: Config, world_size: int) -> None:
