@@ -106,7 +106,8 @@ def main() -> None:
     if device.type == "cpu":
         compute = torch.bfloat16 if resolve_precision("auto", device).bf16_compute else torch.float32
         peak = matmul_peak_tflops(compute)
-        print(f"CPU matmul peak (measured, 4096² {compute}): {peak:.2f} TFLOP/s; bf16 flags: {sorted(cpu_bf16_flags())}")
+        print(f"CPU matmul peak (measured, 4096² {compute}): {peak:.2f} TFLOP/s; "
+              f"bf16 flags: {sorted(cpu_bf16_flags())}")
     rows = []
     for shape in args.shapes:
         for mode in args.modes:

@@ -41,7 +41,7 @@ def test_model_flops_count_the_matmul_weights_by_hand():
     layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
     assert matmul_weights(model) == 2 * layer + 64 + 259 * 64  # final norm, tied embedding counted as the LM head
     assert matmul_weights(model, lm_head=False) == 2 * layer + 64
-    assert iteration_flops(10, sampled_tokens=3, forward_tokens=5, trained_tokens=7, lora=False) == 2 * 10 * 8 + 6 * 10 * 7
+    assert iteration_flops(10, sampled_tokens=3, forward_tokens=5, trained_tokens=7, lora=False) == 160 + 6 * 10 * 7
     assert iteration_flops(10, 3, 5, 7, lora=True) == 2 * 10 * 8 + 4 * 10 * 7
 
 

@@ -97,7 +97,9 @@ class Processes:
 
     @property
     def kind(self) -> str:
-        return "one process" if self.world_size == 1 else f"{'FSDP2' if self.sharded else 'DDP'}, {self.world_size} processes"
+        if self.world_size == 1:
+            return "one process"
+        return f"{'FSDP2' if self.sharded else 'DDP'}, {self.world_size} processes"
 
     def share(self, n: int) -> slice:
         """This process's contiguous share of n global rows: n // world_size of them, one more for the first

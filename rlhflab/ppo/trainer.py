@@ -246,7 +246,7 @@ class PPOTrainer:
             t1 = time.perf_counter()
             # 2. score
             total, components = score_groups(self.rewards, groups[mine], prompts[mine], gen.texts, metadata[mine])
-            behaviour = self.behaviour(prompts[mine], gen.texts, metadata[mine]) if self.behaviour else None
+            behaviour = self.behaviour(prompts[mine], gen.texts, metadata[mine]) if self.behaviour is not None else None
             t2 = time.perf_counter()
             # 3. reference log-probs, values (old log-probs too, when recomputed)
             if self.recomputes_old_logprobs:
