@@ -10,6 +10,7 @@ from rlhflab.ppo.advantages import (
     apply_missing_eos_penalty,
     gae,
     group_normalized_advantages,
+    normalize_scores,
     reinforce_advantages,
     rloo_advantages,
     shape_rewards,
@@ -75,6 +76,18 @@ def test_missing_eos_penalty():
     s = apply_missing_eos_penalty(torch.tensor([1.0, 0.5]), torch.tensor([True, False]), -1.0)
     assert s.tolist() == [1.0, -1.0]
     assert apply_missing_eos_penalty(torch.tensor([0.5]), torch.tensor([False]), None).tolist() == [0.5]
+
+
+def test_normalize_scores_hand_values():
+    """Penalty, then normalisation over the valid samples only, then clipping; left-out samples are 0."""
+    scores, eos = torch.tensor([3.0, 1.0, float("nan"), 2.0]), torch.tensor([True, True, True, False])
+    valid = torch.isfinite(scores)
+    # penalty: [3, 1, 0, -1] over valid [3, 1, -1]: mean 1, unbiased std 2
+    out = normalize_scores(scores, eos, valid, -1.0, "whiten", None)
+    assert out.tolist() == pytest.approx([1.0, 0.0, 0.0, -1.0], abs=1e-6)
+    # scale: (x − mean) / std + mean, the mean kept
+    assert normalize_scores(scores, eos, valid, -1.0, "scale", None).tolist() == pytest.approx([2, 1, 0, 0], abs=1e-6)
+    assert normalize_scores(scores, eos, valid, None, "none", 1.5).tolist() == [1.5, 1.0, 0.0, 1.5]
 
 
 def test_adaptive_kl_update_hand_values():

@@ -155,12 +155,12 @@ class Processes:
     # -------------------------------------------------------------------------------------------------
     # models
 
-    def wrap(self, module: nn.Module, *example) -> nn.Module:
-        """A trained module ready for data-parallel training: DDP (gradients all-reduced in backward) or FSDP2
-        (parameters sharded, gathered layer by layer); unchanged in one process. Build its optimizer after.
-        `example`: the inputs of one forward pass run through the sharded module at once, because FSDP2 makes
-        the first module to run forward its root, and sampling runs the model inside the wrapper."""
-        if self.world_size == 1:
+    def wrap(self, module: nn.Module, *example, trained: bool = True) -> nn.Module:
+        """A module ready for data-parallel training: DDP (gradients all-reduced in backward) or FSDP2 (parameters
+        sharded, gathered layer by layer); unchanged in one process, and a frozen (not `trained`) one under DDP.
+        Build its optimizer after. `example`: the inputs of one forward pass run through the sharded module at
+        once, because FSDP2 makes the first module to run forward its root, and sampling runs the model inside."""
+        if self.world_size == 1 or (not trained and not self.sharded):
             return module
         if not self.sharded:
             return self.accelerator.prepare_model(module)
@@ -192,12 +192,12 @@ class Processes:
             yield
 
     @contextlib.contextmanager
-    def gathered(self, *modules: nn.Module):
+    def gathered(self, *modules: nn.Module | None):
         """Whole parameters inside, for work that runs a different number of forward passes on each process
         (sampling stops when a process's answers end): FSDP2 gathers every shard once on entry and keeps them
         until exit — memory: one full copy of the modules' parameters per process for that time. DDP and one
         process hold whole parameters already."""
-        units = [unit for module in modules for unit in fsdp_units(module)]
+        units = [unit for module in modules if module is not None for unit in fsdp_units(module)]
         for unit in units:
             unit.set_reshard_after_forward(False, recurse=False)
             unit.unshard()

@@ -165,7 +165,7 @@ def _evaluate_trainer(trainer, probes, **kwargs) -> tuple[dict, list[dict]]:
         reference, context = trainer.ref_model, nullcontext
     else:
         reference, context = trainer.policy, trainer.policy.disable_adapter
-    with trainer.precision.autocast(), trainer.processes.gathered(trainer.policy_forward):
+    with trainer.precision.autocast(), trainer.processes.gathered(trainer.policy_forward, trainer.ref_forward):
         return evaluate(trainer.policy, reference, trainer.tokenizer, probes, prompt_format=trainer.prompt_format,
                         system_prompt=c.model.system_prompt, reference_context=context, seed=c.train.seed,
                         logprobs_from_forward=trainer.recomputes_old_logprobs, processes=trainer.processes, **kwargs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhflab.ppo.stats import masked_mean
+from rlhflab.ppo.stats import masked_mean, masked_whiten
 
 
 def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
@@ -33,6 +33,22 @@ def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penal
     if penalty is None:
         return scores
     return torch.where(has_eos, scores, torch.full_like(scores, penalty))
+
+
+def normalize_scores(scores: torch.Tensor, has_eos: torch.Tensor, valid: torch.Tensor,
+                     missing_eos_penalty: float | None, normalization: str, clip: float | None) -> torch.Tensor:
+    """The task score PPO optimises: missing-EOS penalty, normalisation over the valid samples (`whiten`: mean 0
+    and std 1; `scale`: std 1), clipping; samples left out (a NaN/inf reward) get 0.
+
+    scores, has_eos, valid (B,) -> (B,).
+    """
+    scores = torch.where(valid, scores, torch.zeros_like(scores))
+    scores = apply_missing_eos_penalty(scores, has_eos, missing_eos_penalty)
+    if normalization != "none" and valid.sum() > 1:
+        scores = masked_whiten(scores, valid.float(), shift_mean=normalization == "whiten")
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores * valid
 
 
 def gae(

@@ -40,9 +40,9 @@ from rlhflab.models.loading import (
 )
 from rlhflab.models.precision import resolve_precision
 from rlhflab.ppo.advantages import (
-    apply_missing_eos_penalty,
     gae,
     group_normalized_advantages,
+    normalize_scores,
     reinforce_advantages,
     rloo_advantages,
     shape_rewards,
@@ -102,9 +102,12 @@ class PPOTrainer:
         self.peak_flops = gpu_peak_flops(self.device)  # (FLOP/s, source) for MFU; None: unknown (CPUs)
         # what the update calls: the policy and a value head on its trunk, wrapped for several processes (DDP,
         # FSDP2); sampling and scoring use self.policy itself. Optimizers come after: FSDP2 replaces parameters.
-        self.policy_forward = self.processes.wrap(ResponseForward(self.policy, self.critic.policy_head),
-                                                  *ResponseForward.example(self.device))
+        example = ResponseForward.example(self.device)
+        self.policy_forward = self.processes.wrap(ResponseForward(self.policy, self.critic.policy_head), *example)
         self.critic.wrap(self.processes)
+        # a full fine-tune's frozen reference: sharded too under FSDP2 (whole only while the rollout runs)
+        self.ref_forward = (self.processes.wrap(ResponseForward(self.ref_model), *example, trained=False)
+                            if self.ref_model is not None else None)
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         # the policy's schedule spans the steps it takes: none during critic warm-up
         policy_iterations = c.train.iterations - c.ppo.critic_warmup_iterations
@@ -213,17 +216,6 @@ class PPOTrainer:
         if shared_head is not None:
             gen.values = values
 
-    def _normalize_scores(self, scores: torch.Tensor, has_eos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """scores, has_eos, valid (B,) -> (B,): penalty, normalisation over the valid samples; invalid ones 0."""
-        r = self.config.reward
-        scores = torch.where(valid, scores, torch.zeros_like(scores))
-        scores = apply_missing_eos_penalty(scores, has_eos, r.missing_eos_penalty)
-        if r.normalization != "none" and valid.sum() > 1:
-            scores = masked_whiten(scores, valid.float(), shift_mean=r.normalization == "whiten")
-        if r.clip is not None:
-            scores = scores.clamp(-r.clip, r.clip)
-        return scores * valid
-
     def collect(self) -> Rollout:
         """Stages 1-4: rollout, score, KL-shaped rewards, advantages. This process samples, scores and runs the
         forwards of its share of the batch; from the gathered batch every process computes the same advantages."""
@@ -234,7 +226,7 @@ class PPOTrainer:
         metadata = [dict(self.prompts[i].metadata) for i in idx]
         mine = processes.share(len(idx))  # whole prompts: prompts_per_iteration is a multiple of the processes
         t0 = time.perf_counter()
-        with processes.gathered(self.policy_forward, *self.critic.modules()):
+        with processes.gathered(self.policy_forward, *self.critic.modules(), self.ref_forward):
             # 1. rollout: sample j draws its tokens from its own stream (seed, iteration, j)
             uniforms = sample_uniforms((self.seed, ROLLOUT_STREAM, self.iteration), range(len(idx))[mine],
                                        c.rollout.max_new_tokens)
@@ -263,7 +255,9 @@ class PPOTrainer:
         valid = torch.isfinite(raw)  # (B,) a NaN/inf reward is "no reward": the sample sits out the update
         if not valid.all():
             self._warn_nonfinite_reward(raw, components)
-        scores = self._normalize_scores(raw, gen.has_eos.to(self.device), valid)
+        r = c.reward
+        scores = normalize_scores(raw, gen.has_eos.to(self.device), valid, r.missing_eos_penalty, r.normalization,
+                                  r.clip)
         mask = gen.response_mask
         kl = kl_estimators(gen.logprobs, ref_logprobs)
         kl = {k: v * mask for k, v in kl.items()}
