@@ -82,7 +82,10 @@ def _wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float
         if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
             return
         time.sleep(0.05)
-    raise AssertionError(f"no {n} rows in {metrics} in time (exit {proc.poll()})")
+    code = proc.poll()
+    proc.kill()  # a 400-iteration run left behind would outlive the test by many minutes
+    proc.wait()
+    raise AssertionError(f"no {n} rows in {metrics} in time (exit {code})")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
