@@ -6,9 +6,11 @@ exactly, with 2 processes or with 1."""
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,6 +171,36 @@ def test_the_command_line_launched_on_two_processes_gives_what_one_gives(tmp_pat
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert result.exit_code == 0, result.output
     assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_stops_every_process_at_one_checkpoint(tmp_path, sig, code):
+    """What a scheduler (SIGTERM) or Ctrl-C (SIGINT, to the launcher: its workers run in their own session) does:
+    the launcher passes it on, every process finishes the same iteration, process 0 checkpoints it, exit 143 /
+    130; `--resume` under the same launch finishes the run."""
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]
+    args = ["-m", "rlhflab", "train", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(run), "-q",
+            "--set", "train.iterations=400", "--set", "train.checkpoint_every=1000", "--set", "eval.report=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([*launch, "--main_process_port", str(_free_port()), *args], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no 2 iterations in 300 s"
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err[-3000:]
+    reached = json.loads(metrics.read_text().splitlines()[-1])["iteration"]
+    assert 2 <= reached < 400 and (run / "checkpoints" / "latest").read_text() == f"iter_{reached:06d}"
+    assert err.count(f"stopped by {sig.name} at iteration {reached} of 400; checkpoint saved") == 2  # both processes
+    resume = ["-m", "rlhflab", "train", "--resume", str(run), "-q", "--set", f"train.iterations={reached + 1}"]
+    done = subprocess.run([*launch, "--main_process_port", str(_free_port()), *resume], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["iteration"] for r in _rows(run, "metrics.jsonl")] == list(range(1, reached + 2))
 
 
 def test_accelerate_cpu_flag_starting_one_process_is_a_one_line_error(tiny_config, tmp_path, monkeypatch):
