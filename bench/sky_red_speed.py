@@ -40,7 +40,7 @@ from rlhflab.ppo.trainer import PPOTrainer
 from rlhflab.runs.seeding import seed_everything
 from rlhflab.runs.tracking import Tracker
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "sky_red.yaml"
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "sky_red_broad.yaml"  # one prompt set, as TRL
 TRL_DIR = Path(__file__).resolve().parent / "trl_anchor"
 TRL_PYTHON = TRL_DIR / ".venv" / "bin" / "python"
 TRL_SETTINGS = [

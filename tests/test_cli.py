@@ -140,10 +140,15 @@ def test_sample_command(tmp_path):
     assert [r["prompt"] for r in rows] == ["hello", "world"]
 
 
-@pytest.mark.parametrize("name", ["sky_red.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["sky_red.yaml", "sky_red_broad.yaml", "tiny.yaml"])
 def test_shipped_recipes_validate(name):
     from rlhflab.config import load_config
     from rlhflab.data.prompts import load_prompts
+    from rlhflab.evaluation.probes import load_probes
+    from rlhflab.ppo.groups import group_rewards
 
     config = load_config(ROOT / "recipes" / name)
-    assert load_prompts(config.data.prompts)
+    assert all(load_prompts(group.prompts) for group in config.prompt_groups)
+    group_rewards(config.prompt_groups, config.reward.spec)  # every reward spec builds
+    if config.eval.probes:
+        load_probes(config.eval.probes).behavior_reward()

@@ -72,6 +72,21 @@ def test_result_has_every_group_side_and_metric(model, tokenizer):
     assert all(set(a) == keys for a in answers)
 
 
+def test_expected_answers_give_a_correct_rate_where_a_group_has_them(model, tokenizer):
+    probes = PROBES.model_copy(update={"expected": {"What is 2 + 2?": "^"}})  # every answer matches
+    result, answers = evaluate(model, model, tokenizer, probes, prompt_format="chat")
+    unrelated, trained = result["groups"]["unrelated"], result["groups"]["trained"]
+    assert unrelated["policy"]["correct_rate"] == unrelated["reference"]["correct_rate"] == 1.0
+    assert "correct_rate" not in trained["policy"]
+    row = next(a for a in answers if a["prompt"] == "What is 2 + 2?")
+    assert row["policy_correct"] == row["reference_correct"] is True
+    assert "policy_correct" not in answers[0]
+    assert "| correct |" in format_table(result)
+    four = probes.model_copy(update={"expected": {"What is 2 + 2?": r"\b(4|four)\b"}})
+    assert four.correct(["What is 2 + 2?", "What is 2 + 2?", "Describe the sky."], ["FOUR.", "44", "4"]) == \
+        [True, False, None]
+
+
 @pytest.mark.parametrize("separate_copy", [False, True], ids=["same-module", "loaded-twice"])
 def test_model_against_itself_has_kl_zero(model, tokenizer, separate_copy):
     reference = copy.deepcopy(model) if separate_copy else model
@@ -162,14 +177,20 @@ def test_sky_heldout_prompts_share_no_four_words_with_training():
 
 
 def test_retain_prompts_share_no_four_words_with_any_probe_prompt():
-    """The scoped recipe's retain prompts leave every probe group unseen (recipes/data/README.md)."""
+    """The main job's retain prompts leave every probe group and every held-out sky phrasing unseen
+    (recipes/data/README.md)."""
+    from rlhflab.config import load_config
     from rlhflab.data.diversity import ngrams, words
 
-    retain = (RECIPES / "data" / "retain_train.txt").read_text().splitlines()
-    probes = load_probes(RECIPES / "data" / "sky_probes.yaml")
-    probe_grams = {g for prompts in probes.groups.values() for p in prompts for g in ngrams(words(p), 4)}
+    config = load_config(RECIPES / "sky_red.yaml")
+    [retain_group] = [g for g in config.data.groups if g.expect == "unchanged"]
+    retain = Path(retain_group.prompts).read_text().splitlines()
+    probes = load_probes(config.eval.probes)
+    held_out = [p for prompts in probes.groups.values() for p in prompts]
+    held_out += (RECIPES / "data" / "sky_heldout.txt").read_text().splitlines()
+    held_out_grams = {g for p in held_out for g in ngrams(words(p), 4)}
     assert len(retain) == 48
-    assert [line for line in retain if set(ngrams(words(line), 4)) & probe_grams] == []
+    assert [line for line in retain if set(ngrams(words(line), 4)) & held_out_grams] == []
     assert [line for line in retain if "red" in line.lower()] == []
     assert probes.unchanged == ["related", "unrelated", "capability"]
 
@@ -185,8 +206,11 @@ def test_retain_prompts_share_no_four_words_with_any_probe_prompt():
         ("groups:\n  a: [x]\n", "missing key 'behavior'"),
         ("behavior: contains:red\ntemperature: hot\ngroups:\n  a: [x]\n", "temperature: "),
         ("- just a list\n", "must be a YAML mapping"),
+        ("behavior: contains:red\ngroups:\n  a: [x]\nexpected:\n  y: '1'\n", "expected: 'y' is not a prompt"),
+        ("behavior: contains:red\ngroups:\n  a: [x]\nexpected:\n  x: '(1'\n", "'(1' is not a valid regex"),
     ],
-    ids=["missing", "bad-yaml", "unknown-key", "empty-group", "no-groups", "no-behavior", "bad-type", "not-a-map"],
+    ids=["missing", "bad-yaml", "unknown-key", "empty-group", "no-groups", "no-behavior", "bad-type", "not-a-map",
+         "expected-unknown-prompt", "expected-bad-regex"],
 )
 def test_bad_probe_files_give_one_line(tmp_path, text, expected):
     path = tmp_path / "probes.yaml"

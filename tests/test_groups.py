@@ -10,8 +10,10 @@ from rlhflab.errors import UserError
 from rlhflab.evaluation.health import HealthMonitor, check_evaluation, check_health
 from rlhflab.pipelines.train import group_status
 from rlhflab.ppo.advantages import shape_rewards
+from rlhflab.ppo.advantages import normalize_scores
 from rlhflab.ppo.groups import group_metrics, mode_share, per_sample, score_groups
 from rlhflab.ppo.metrics import rollout_metrics
+from rlhflab.ppo.stats import masked_whiten
 from rlhflab.ppo.trainer import PPOTrainer
 from rlhflab.rewards.specs import build_reward
 from rlhflab.runs.tracking import Tracker
@@ -118,6 +120,24 @@ def test_trainer_weights_each_groups_kl(tiny_config, group_files, tmp_path):
     assert torch.allclose(ro.rewards, expected)
     # kl_scale 0: the retain answers' rewards are their score on the last token and nothing else
     assert torch.equal(ro.rewards[retain].sum(1), ro.scores[retain]) and ro.scores[retain].eq(0).all()
+
+
+def test_scores_are_normalised_within_each_group():
+    # sky: one rewarded answer among length-term offsets; retain: a `not:` reward every answer earns
+    scores = torch.tensor([0.5, 0.5, 1.5, 0.5, 1.0, 1.0, 1.0, 7.0])
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    valid = torch.tensor([True] * 7 + [False])  # the last one has a NaN reward (scored 0 before this)
+    eos = torch.ones(8, dtype=torch.bool)
+    out = normalize_scores(scores, eos, valid, None, "whiten", None, ids)
+    sky = (scores[:4] - 0.75) / 0.5  # mean 0.75, Bessel std 0.5
+    assert torch.allclose(out[:4], sky) and out[4:7].eq(0).all()  # a constant group adds nothing
+    assert out[7] == 0.0  # a sample left out scores 0
+    scaled = normalize_scores(scores, eos, valid, None, "scale", None, ids)
+    assert torch.allclose(scaled[:4], sky + 0.75) and torch.equal(scaled[4:7], scores[4:7])
+    # one group: the batch-wide whitening it always was
+    one = torch.zeros(8, dtype=torch.long)
+    assert torch.allclose(normalize_scores(scores, eos, valid, None, "whiten", None, one)[:7],
+                          masked_whiten(scores * valid, valid.float())[:7])
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -242,6 +262,15 @@ def test_evaluation_alarms_compare_policy_with_reference():
     assert "trained 3.8 vs 36.0 tokens" in notes[0].message and "unrelated 0.06 → 0.97" in notes[1].message
     # a probe file that lists no unchanged groups: the control groups by name (unrelated*, capability*)
     assert [n.code for n in check_evaluation(evaluation(0.97, 30.0, unchanged=()), 24)] == ["behaviour_leak"]
+
+
+def test_evaluation_alarm_when_fewer_answers_are_correct():
+    result = evaluation(0.10, 30.0)
+    result["groups"]["capability"] = {"reference": {"correct_rate": 0.75}, "policy": {"correct_rate": 0.69}}
+    assert check_evaluation(result, 24) == []  # two answers of 32: within the noise
+    result["groups"]["capability"]["policy"]["correct_rate"] = 0.5
+    notes = check_evaluation(result, 24)
+    assert [n.code for n in notes] == ["capability_loss"] and "capability 0.75 → 0.50" in notes[0].message
 
 
 POLITE = '''

@@ -22,7 +22,7 @@ NEGATIVE_KL_STREAK = 3  # iterations in a row with objective/kl < 0
 # a max above 100, or a mean ratio off 1, means the whole batch moved too far.
 RATIO_MAX_LIMIT = 100.0
 RATIO_MEAN_TOLERANCE = 0.2  # |mean ratio - 1|
-# eos_collapse: answers that mostly ran into max_new_tokens from the start (sky_red: 12 % ended at 24 tokens)
+# eos_collapse: answers that mostly ran into max_new_tokens from the start (sky_red_broad: 12 % ended at 24 tokens)
 # have no stopping habit to lose, and one batch of 32 answers is noisy, so the fall must last.
 EOS_FIRST_MIN = 0.3  # the first EOS rate must be at least this ...
 EOS_DROP_FRACTION = 0.5  # ... and the rate below this fraction of it ...
@@ -38,13 +38,16 @@ SCORE_RISE = 0.2
 CONTROL_BEHAVIOR_SHIFT = 0.15
 CONTROL_GROUP_PREFIXES = ("unrelated", "capability")
 # answers_shrink: answers under half their start length (training; the first rollout is the reference's own
-# habit) or under half the reference's length (probe evaluation). sky_red: 36 → 3.8 tokens.
+# habit) or under half the reference's length (probe evaluation). sky_red_broad: 36 → 3.8 tokens.
 SHRINK_FRACTION = 0.5
 SHRINK_STREAK = 3
 # behaviour_leak: the behaviour rate of a group that should stay unchanged rises this much above its start
-# (training) or above the reference's rate (probe evaluation). sky_red: unrelated 0.06 → 0.97.
+# (training) or above the reference's rate (probe evaluation). sky_red_broad: unrelated 0.06 → 0.97.
 LEAK_RISE = 0.10
 LEAK_STREAK = 3  # training batches are small (a few answers per group): the rise must last
+# capability_loss: a probe group's share of correct answers (its prompts' `expected` patterns) falls this much
+# below the reference's (more than 3 of 32 answers at 8 prompts × 4 samples: sampling noise stays under it).
+CORRECT_DROP = 0.10
 # no_signal: in each of the first iterations nearly every sample scored the same (polite reward: 15 of 16 at 0).
 NO_SIGNAL_MODE_SHARE = 0.9
 NO_SIGNAL_ITERATIONS = 3
@@ -114,10 +117,16 @@ ADVICE: dict[str, tuple[str, str]] = {
         "reward: not:SPEC or null, kl_scale > 1); with one, raise its share or kl_scale or lower the learning "
         "rate (docs/scoped.md)",
     ),
+    "capability_loss": (
+        "the update reaches past the edit into what the model knows: the policy moved far from the reference on "
+        "prompts the reward never asked about",
+        "add prompts like the failing group's to a retain group (expect: unchanged, kl_scale > 1), lower the "
+        "learning rate or stop earlier (docs/scoped.md)",
+    ),
     "no_signal": (
         "nearly every sample gets the same score, so the advantages carry almost no reward signal: from a "
-        "reward it rarely earns the policy learns slowly (sky_red.yaml: 1 of 32 answers for 7 iterations) or not "
-        "at all",
+        "reward it rarely earns the policy learns slowly (sky_red_broad.yaml: 1 of 32 answers for 7 iterations) "
+        "or not at all",
         "sample more answers per prompt (rollout.samples_per_prompt 4-8) with a group baseline "
         "(ppo.advantage_estimator: rloo or grpo), make the reward denser or shaped (partial credit, a weighted "
         "second term), or raise the sampling temperature",
@@ -314,9 +323,10 @@ def unchanged_probe_groups(result: dict) -> list[str]:
 def check_evaluation(result: dict, iteration: int) -> list[HealthNote]:
     """Alarms from a probe evaluation (eval.json), policy against reference per group: answers under half the
     reference's length (any group), behaviour rate more than LEAK_RISE above the reference's in a group that
-    should stay unchanged. `iteration` is the one evaluated (the last)."""
+    should stay unchanged, a share of correct answers more than CORRECT_DROP below the reference's (groups with
+    expected answers). `iteration` is the one evaluated (the last)."""
     groups = result.get("groups") or {}
-    shrunk, leaks = [], []
+    shrunk, leaks, wrong = [], [], []
     for name, sides in groups.items():
         policy, reference = sides.get("policy", {}), sides.get("reference", {})
         length, ref_length = finite_value(policy, "length"), finite_value(reference, "length")
@@ -325,6 +335,9 @@ def check_evaluation(result: dict, iteration: int) -> list[HealthNote]:
         rate, ref_rate = finite_value(policy, "behavior_rate"), finite_value(reference, "behavior_rate")
         if name in unchanged_probe_groups(result) and None not in (rate, ref_rate) and rate - ref_rate > LEAK_RISE:
             leaks.append(f"{name} {ref_rate:.2f} → {rate:.2f}")
+        correct, ref_correct = finite_value(policy, "correct_rate"), finite_value(reference, "correct_rate")
+        if None not in (correct, ref_correct) and ref_correct - correct > CORRECT_DROP:
+            wrong.append(f"{name} {ref_correct:.2f} → {correct:.2f}")
     notes = []
     if shrunk:
         notes.append(HealthNote("answers_shrink", iteration, "probe answers are under half the reference's length: "
@@ -333,4 +346,7 @@ def check_evaluation(result: dict, iteration: int) -> list[HealthNote]:
         notes.append(HealthNote("behaviour_leak", iteration, f"behaviour `{result.get('behavior', '?')}` rose more "
                                 f"than {LEAK_RISE:.2f} above the reference in probe groups that should stay "
                                 "unchanged: " + "; ".join(leaks), *ADVICE["behaviour_leak"]))
+    if wrong:
+        notes.append(HealthNote("capability_loss", iteration, "probe answers are correct less often than the "
+                                "reference's: " + "; ".join(wrong), *ADVICE["capability_loss"]))
     return notes

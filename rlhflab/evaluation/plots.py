@@ -119,6 +119,16 @@ def draw_series(
     ax.plot(xs, ema(ys), ls=style, color=color, label=label, lw=1.8)
 
 
+def draw_grouped_bars(ax: Axes, names: list[str], series: list[tuple[str, list[float], str]]) -> None:
+    """Bars of several (label, values, colour) series side by side at each name, each bar labelled with its value:
+    reference and policy per probe group, or the reference and several runs."""
+    width = 0.76 / len(series)
+    for k, (label, values, color) in enumerate(series):
+        offset = (k - (len(series) - 1) / 2) * width
+        bars = ax.bar([i + offset for i in range(len(names))], values, width, label=label, color=color)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8 if len(series) < 3 else 6.5, padding=2)
+
+
 def legend_below(
     ax: Axes, handles: list, labels: list[str], title: str | None = None, ncol: int | None = None
 ) -> None:

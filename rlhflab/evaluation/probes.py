@@ -17,8 +17,11 @@ answers and measures (per side, on that side's own samples; T = the probe temper
     self_bleu      mean BLEU of each answer against the other answers of its group (1 = all the same)
     length         mean answer length in tokens (EOS included)
     eos_rate       share of answers that ended with EOS within max_new_tokens
+    correct_rate   share of answers matching their prompt's `expected` pattern, over the group's prompts that
+                   have one (only groups with such prompts: e.g. capability questions with known answers)
 
-plus greedy answers of both sides side by side per prompt. `run_eval` is the `rlhflab eval` job: load the
+plus greedy answers of both sides side by side per prompt (with `policy_correct` / `reference_correct` where
+the prompt has a pattern). `run_eval` is the `rlhflab eval` job: load the
 models, evaluate, write EVAL_DIR/eval.json and EVAL_DIR/answers.jsonl.
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -79,6 +83,8 @@ class Probes(BaseModel):
     unchanged: list[str] = []
     """Groups the edit should leave alone: a behaviour rate above the reference's there is a health alarm
     (empty: the groups named unrelated* and capability*)."""
+    expected: dict[str, str] = {}
+    """Prompt → regex (case-insensitive) that a correct answer contains, e.g. "What is 7 + 5?": '\\b12\\b'."""
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _reward: object = PrivateAttr(None)
@@ -103,7 +109,20 @@ class Probes(BaseModel):
         if unknown:
             raise ValueError(f"unchanged: no group named '{unknown[0]}'; list names from groups: "
                              f"{', '.join(self.groups)}")
+        prompts = {p for group in self.groups.values() for p in group}
+        for prompt, pattern in self.expected.items():
+            if prompt not in prompts:
+                raise ValueError(f"expected: {prompt!r} is not a prompt of any group; copy it from groups verbatim")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"expected: {prompt!r}: {pattern!r} is not a valid regex ({e})") from None
         return self
+
+    def correct(self, prompts: list[str], answers: list[str]) -> list[bool | None]:
+        """Per answer, whether it matches its prompt's `expected` pattern; None where the prompt has none."""
+        return [None if p not in self.expected else re.search(self.expected[p], a, re.IGNORECASE) is not None
+                for p, a in zip(prompts, answers)]
 
     def behavior_reward(self):
         """The behaviour as a reward callable, built once (`python:` paths resolve against the probe file's folder)."""
@@ -129,8 +148,8 @@ def load_probes(path: str | Path) -> Probes:
 
 
 def _side_metrics(
-    gen: Generation, rows: list[int], rewards: list[float], logprobs: torch.Tensor, entropy: torch.Tensor,
-    ref_logprobs: torch.Tensor,
+    gen: Generation, rows: list[int], rewards: list[float], correct: list[bool | None], logprobs: torch.Tensor,
+    entropy: torch.Tensor, ref_logprobs: torch.Tensor,
 ) -> dict[str, float]:
     """The metrics of one group on one side, over the answers at `rows`."""
     idx = torch.tensor(rows, device=gen.response_mask.device)
@@ -138,6 +157,7 @@ def _side_metrics(
     kl = kl_estimators(logprobs[idx], ref_logprobs[idx])  # k1/k2/k3 -> (n, T)
     texts = [gen.texts[i] for i in rows]
     group_rewards = [rewards[i] for i in rows]
+    checked = [correct[i] for i in rows if correct[i] is not None]
     return {
         "behavior_rate": sum(r > 0 for r in group_rewards) / len(rows),  # a NaN/inf reward ("none") is not > 0
         "reward_mean": finite_mean(group_rewards),
@@ -150,6 +170,7 @@ def _side_metrics(
         "self_bleu": self_bleu(texts),
         "length": mask.sum(1).mean().item(),
         "eos_rate": gen.has_eos[idx].float().mean().item(),
+        **({"correct_rate": sum(checked) / len(checked)} if checked else {}),
     }
 
 
@@ -228,8 +249,9 @@ def evaluate(
         gen = gather_generation(gen, processes, tokenizer.pad_token_id)
         logprobs, ref_logprobs = processes.gather(logprobs), processes.gather(ref_logprobs)
         rewards = reward(shown, gen.texts, [{} for _ in texts])
+        correct = probes.correct(shown, gen.texts)
         for group, rows in rows_of.items():
-            groups[group][side] = _side_metrics(gen, rows, rewards, logprobs, gen.entropy, ref_logprobs)
+            groups[group][side] = _side_metrics(gen, rows, rewards, correct, logprobs, gen.entropy, ref_logprobs)
 
     answers: list[dict] = []
     if greedy:
@@ -243,11 +265,15 @@ def evaluate(
             texts_out = processes.gather_objects(gen.texts)
             greedy_texts[side] = (texts_out, reward([p for _, p in items], texts_out, [{} for _ in items]))
         for i, (group, prompt) in enumerate(items):
-            answers.append({
+            row = {
                 "group": group, "prompt": prompt,
                 "policy": greedy_texts["policy"][0][i], "reference": greedy_texts["reference"][0][i],
                 "policy_reward": greedy_texts["policy"][1][i], "reference_reward": greedy_texts["reference"][1][i],
-            })  # fmt: skip
+            }  # fmt: skip
+            if prompt in probes.expected:
+                for side in SIDES:
+                    row[f"{side}_correct"] = probes.correct([prompt], [row[side]])[0]
+            answers.append(row)
     result = {
         "behavior": probes.behavior,
         "samples_per_prompt": k,
@@ -278,10 +304,11 @@ def _cell(value: float | None) -> str:
 
 
 def format_table(result: dict) -> str:
-    """A markdown table: one row per group and side with behaviour rate, reward, KL, NLL, distinct-2, length."""
+    """A markdown table: one row per group and side with behaviour rate, reward, KL, NLL, distinct-2, length and
+    the share of correct answers (– where the group has no expected answers)."""
     header = ["group", "side", "behaviour rate", "reward", "KL k1", "KL k3", "NLL ref (nats/tok)", "distinct-2",
-              "length (tok)"]
-    keys = ["behavior_rate", "reward_mean", "kl_k1", "kl_k3", "nll_reference", "distinct_2", "length"]
+              "length (tok)", "correct"]
+    keys = ["behavior_rate", "reward_mean", "kl_k1", "kl_k3", "nll_reference", "distinct_2", "length", "correct_rate"]
     lines = [
         f"behaviour `{result.get('behavior', '?')}` · {result.get('samples_per_prompt', '?')} samples per prompt "
         f"at T={result.get('temperature', '?')} · {result.get('elapsed_s', 0.0):.0f} s",

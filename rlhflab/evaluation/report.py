@@ -48,6 +48,7 @@ from rlhflab.evaluation.plots import (
     Curve,
     CurvePlot,
     FigureRef,
+    draw_grouped_bars,
     legend_below,
     metric_series,
     new_figure,
@@ -209,12 +210,11 @@ def plot_behavior_bars(evaluation: dict, plot_dir: Path) -> FigureRef | None:
     names = list(groups)
     unchanged = set(unchanged_probe_groups(evaluation))
     fig, ax = new_figure()
-    width = 0.38
     sides = (("reference", "reference (before)", REFERENCE_COLOR), ("policy", "policy (after)", POLICY_COLOR))
-    for offset, (side, label, color) in zip((-width / 2, width / 2), sides):
-        rates = [finite_value(groups[name].get(side, {}), "behavior_rate") or 0.0 for name in names]
-        bars = ax.bar([i + offset for i in range(len(names))], rates, width, label=label, color=color)
-        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    draw_grouped_bars(ax, names, [
+        (label, [finite_value(groups[name].get(side, {}), "behavior_rate") or 0.0 for name in names], color)
+        for side, label, color in sides
+    ])  # fmt: skip
     behavior = textwrap.shorten(str(evaluation.get("behavior", "behaviour")), 32, placeholder="…")
     ax.set_title(f"Locality map: behaviour rate per probe group ({behavior})")
     labels = [f"{name}\n(unchanged)" if name in unchanged else name for name in names]
@@ -272,14 +272,16 @@ def probe_blocks(evaluation: dict) -> list[Block]:
     intro = (
         f"Behaviour measured: `{evaluation.get('behavior', '?')}`. Each cell reads reference → policy; KL is the "
         "policy's (the reference's own KL is 0). NLL is the answers' per-token negative log-likelihood under "
-        "the reference model, a fluency proxy (higher = less like the reference's own text)."
+        "the reference model, a fluency proxy (higher = less like the reference's own text). Correct: the share "
+        "of answers matching the probe file's expected answer (groups without expected answers: –)."
     )
     return [Text(intro), Table(
         ["group", "behaviour rate", "reward", "KL k1 / k3 (nats)", "NLL under reference (nats/token)",
-         "distinct-2", "length (tokens)"],
+         "distinct-2", "length (tokens)", "correct"],
         [
             [name, _arrow(g, "behavior_rate"), _arrow(g, "reward_mean"), _policy_kl(g), _arrow(g, "nll_reference"),
-             _arrow(g, "distinct_2"), _arrow(g, "length")]
+             _arrow(g, "distinct_2"), _arrow(g, "length"),
+             _arrow(g, "correct_rate") if "correct_rate" in g.get("policy", {}) else "–"]
             for name, g in groups.items()
         ],
     )]  # fmt: skip

@@ -36,16 +36,28 @@ def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penal
 
 
 def normalize_scores(scores: torch.Tensor, has_eos: torch.Tensor, valid: torch.Tensor,
-                     missing_eos_penalty: float | None, normalization: str, clip: float | None) -> torch.Tensor:
-    """The task score PPO optimises: missing-EOS penalty, normalisation over the valid samples (`whiten`: mean 0
-    and std 1; `scale`: std 1), clipping; samples left out (a NaN/inf reward) get 0.
+                     missing_eos_penalty: float | None, normalization: str, clip: float | None,
+                     group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The task score PPO optimises: missing-EOS penalty, normalisation over the valid samples of each prompt group
+    (`whiten`: mean 0 and std 1; `scale`: std 1; a group with fewer than two valid samples keeps its scores),
+    clipping; samples left out (a NaN/inf reward) get 0.
 
-    scores, has_eos, valid (B,) -> (B,).
+    scores, has_eos, valid, group_ids (B,) -> (B,); group_ids None: the batch is one group.
+    Per group because groups score on different scales (a retain group's `not:` reward is ≈ 1 on every answer, a
+    sky answer earns ~0.5 from a length term alone): whitened together, those offsets would become advantages of
+    whole groups until the critic learns them, noise that drowns the rare rewarded answer.
     """
     scores = torch.where(valid, scores, torch.zeros_like(scores))
     scores = apply_missing_eos_penalty(scores, has_eos, missing_eos_penalty)
-    if normalization != "none" and valid.sum() > 1:
-        scores = masked_whiten(scores, valid.float(), shift_mean=normalization == "whiten")
+    if normalization != "none":
+        group_ids = torch.zeros_like(scores, dtype=torch.long) if group_ids is None else group_ids
+        normalized = scores.clone()
+        for g in group_ids.unique():
+            rows = (group_ids == g) & valid
+            if rows.sum() > 1:
+                normalized[rows] = masked_whiten(scores[rows], torch.ones_like(scores[rows]),
+                                                 shift_mean=normalization == "whiten")
+        scores = normalized
     if clip is not None:
         scores = scores.clamp(-clip, clip)
     return scores * valid

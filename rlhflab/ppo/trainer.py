@@ -222,6 +222,7 @@ class PPOTrainer:
         c, processes = self.config, self.processes
         idx = [i for i in self.sampler.draw() for _ in range(c.rollout.samples_per_prompt)]
         groups = [self.group_of[i] for i in idx]
+        group_ids = torch.tensor(groups, device=self.device)
         prompts = [self.prompts[i].display for i in idx]
         metadata = [dict(self.prompts[i].metadata) for i in idx]
         mine = processes.share(len(idx))  # whole prompts: prompts_per_iteration is a multiple of the processes
@@ -257,12 +258,13 @@ class PPOTrainer:
             self._warn_nonfinite_reward(raw, components)
         r = c.reward
         scores = normalize_scores(raw, gen.has_eos.to(self.device), valid, r.missing_eos_penalty, r.normalization,
-                                  r.clip)
+                                  r.clip,
+                                  group_ids)
         mask = gen.response_mask
         kl = kl_estimators(gen.logprobs, ref_logprobs)
         kl = {k: v * mask for k, v in kl.items()}
         ro = Rollout(gen, prompts, metadata, scores, raw, components, ref_logprobs, values, kl, valid=valid)
-        ro.group_ids = torch.tensor(groups, device=self.device)
+        ro.group_ids = group_ids
         ro.kl_scale = per_sample([g.kl_scale for g in self.groups], ro.group_ids)
         ro.behaviour = behaviour
         ro.timings = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forwards": t3 - t2}
