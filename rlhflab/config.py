@@ -122,7 +122,7 @@ class RewardConfig(Section):
     missing_eos_penalty: float | None = None
     """Score given to answers that never emit EOS within max_new_tokens (None: keep their score)."""
     normalization: Literal["none", "scale", "whiten"] = "none"
-    """Per prompt group (the batch, without groups): `scale` divides scores by their std (mean kept), `whiten` also subtracts the mean."""
+    """Per prompt group: `scale` divides scores by their std (mean kept), `whiten` also subtracts the mean."""
     clip: float | None = Field(None, gt=0)
     """Clip scores to ±clip after normalisation (None: off)."""
 

@@ -46,17 +46,16 @@ def load(run: Path) -> dict:
 
 def bars(runs: dict[str, dict], metric: str, title: str, ylabel: str, name: str, ylim=None) -> None:
     """One bar chart over the probe groups: the reference (from the first run) beside each recipe's policy."""
-    groups = list(next(iter(runs.values()))["groups"])
-    first = next(iter(runs.values()))["groups"]
-    series = [] if metric.startswith("kl") else [("reference", [first[g]["reference"][metric] for g in groups],
-                                                 REFERENCE_COLOR)]
+    first = next(iter(runs.values()))
+    groups = list(first["groups"])
+    series = [] if metric.startswith("kl") else [
+        ("reference", [first["groups"][g]["reference"][metric] for g in groups], REFERENCE_COLOR)]
     series += [(f"{recipe} policy", [run["groups"][g]["policy"][metric] for g in groups], RECIPE_COLORS[recipe])
                for recipe, run in runs.items()]
     fig, ax = new_figure()
     fig.set_size_inches(7.5, 3.8)
     draw_grouped_bars(ax, groups, series)
-    unchanged = next(iter(runs.values()))["unchanged"]
-    ax.set_xticks(range(len(groups)), [f"{g}\n(unchanged)" if g in unchanged else g for g in groups])
+    ax.set_xticks(range(len(groups)), [f"{g}\n(unchanged)" if g in first["unchanged"] else g for g in groups])
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     if ylim:
@@ -71,12 +70,14 @@ def group_table(runs: dict[str, dict]) -> str:
              "broad / scoped | NLL ref (nats/token): ref / broad / scoped | correct: ref / broad / scoped |",
              "| --- | --- | --- | --- | --- | --- |"]
     broad, scoped = runs["broad"]["groups"], runs["scoped"]["groups"]
+
+    def trio(g: str, metric: str, digits: int = 2) -> str:
+        values = [broad[g]["reference"].get(metric), broad[g]["policy"].get(metric), scoped[g]["policy"].get(metric)]
+        return " / ".join("–" if v is None else f"{v:.{digits}f}" for v in values)
+
     for g in broad:
-        def trio(metric, digits=2):
-            values = [broad[g]["reference"].get(metric), broad[g]["policy"].get(metric), scoped[g]["policy"].get(metric)]
-            return " / ".join("–" if v is None else f"{v:.{digits}f}" for v in values)
-        lines.append(f"| {g} | {trio('behavior_rate')} | {trio('length', 1)} | {broad[g]['policy']['kl_k3']:.1f} / "
-                     f"{scoped[g]['policy']['kl_k3']:.1f} | {trio('nll_reference')} | {trio('correct_rate')} |")
+        lines.append(f"| {g} | {trio(g, 'behavior_rate')} | {trio(g, 'length', 1)} | {broad[g]['policy']['kl_k3']:.1f} / "
+                     f"{scoped[g]['policy']['kl_k3']:.1f} | {trio(g, 'nll_reference')} | {trio(g, 'correct_rate')} |")
     return "\n".join(lines)
 
 

@@ -258,8 +258,7 @@ class PPOTrainer:
             self._warn_nonfinite_reward(raw, components)
         r = c.reward
         scores = normalize_scores(raw, gen.has_eos.to(self.device), valid, r.missing_eos_penalty, r.normalization,
-                                  r.clip,
-                                  group_ids)
+                                  r.clip, group_ids)
         mask = gen.response_mask
         kl = kl_estimators(gen.logprobs, ref_logprobs)
         kl = {k: v * mask for k, v in kl.items()}
