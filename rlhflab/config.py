@@ -75,6 +75,8 @@ class PromptGroup(Section):
     """Reward of this group: a spec or weighted terms; `reward.spec` (default) the recipe's; null: none (score 0)."""
     kl_scale: float = Field(1.0, ge=0)
     """Multiplier of ppo.kl_coef (β, the adaptive controller's value when adaptive) on this group's answers."""
+    retain_kl_coef: float = Field(0.0, ge=0)
+    """Weight of the exact KL(π‖π_ref) over the whole vocabulary at this group's answer tokens, in the loss (0: off)."""
     expect: Literal["behaviour", "unchanged"] = "behaviour"
     """`unchanged`: a retain group, where the behaviour should stay at its start rate (else a health alarm)."""
 

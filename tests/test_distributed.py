@@ -117,9 +117,16 @@ def assert_same_run(a: Path, b: Path, exact: bool = False) -> None:
 
 @pytest.mark.parametrize("accelerate_config", ["ddp.yaml", "fsdp.yaml"])
 def test_two_processes_give_what_one_gives(tiny_config, tmp_path, accelerate_config, reward_file, one_thread):
-    """Every variant in one launch of 2 processes, then each in this process alone."""
+    """Every variant in one launch of 2 processes, then each in this process alone; GRPO with LoRA is scoped (two
+    prompt groups, a retain KL on one)."""
     variants = VARIANTS if accelerate_config == "ddp.yaml" else [("gae", False), ("grpo", True)]
     configs = {(e, lora): _config(tiny_config, e, lora, reward_file) for e, lora in variants}
+    # GRPO with LoRA as a scoped edit: two prompt groups, the second held by the vocabulary KL to the reference
+    retain = tmp_path / "retain.txt"
+    retain.write_text("What color is grass?\nSay hello.\n")
+    configs[("grpo", True)]["data"] = {"groups": [
+        {"name": "sky", "prompts": str(tiny_config.data.prompts), "share": 0.5},
+        {"name": "retain", "prompts": str(retain), "share": 0.5, "kl_scale": 2.0, "retain_kl_coef": 1.0}]}
     # the first also evaluates probes, 5 answers per side: 3 on process 0, 2 on process 1
     (tmp_path / "probes.yaml").write_text(json.dumps({
         "behavior": "regex:[aeiou]", "samples_per_prompt": 1, "max_new_tokens": 6,

@@ -14,7 +14,9 @@ from rlhflab.ppo.advantages import normalize_scores
 from rlhflab.ppo.groups import group_metrics, mode_share, per_sample, score_groups
 from rlhflab.ppo.metrics import rollout_metrics
 from rlhflab.ppo.stats import masked_whiten
+from rlhflab.ppo.losses import loss_denominator, vocab_kl
 from rlhflab.ppo.trainer import PPOTrainer
+from rlhflab.models.forward import forward_response
 from rlhflab.rewards.specs import build_reward
 from rlhflab.runs.tracking import Tracker
 
@@ -120,6 +122,39 @@ def test_trainer_weights_each_groups_kl(tiny_config, group_files, tmp_path):
     assert torch.allclose(ro.rewards, expected)
     # kl_scale 0: the retain answers' rewards are their score on the last token and nothing else
     assert torch.equal(ro.rewards[retain].sum(1), ro.scores[retain]) and ro.scores[retain].eq(0).all()
+
+
+def test_vocab_kl_against_hand_values():
+    # p = (1/2, 1/2), q = (1/4, 3/4): ½·ln 2 + ½·ln(2/3) = 0.143841; the same distribution: 0
+    p, q = torch.tensor([0.5, 0.5]).log(), torch.tensor([0.25, 0.75]).log()
+    kl = vocab_kl(torch.stack([p, p]).view(1, 2, 2), torch.stack([q, p]).view(1, 2, 2))
+    assert torch.allclose(kl, torch.tensor([[0.143841, 0.0]]), atol=1e-6)
+
+
+def test_retain_kl_pulls_only_its_group_back_to_the_reference(tiny_config, group_files, tmp_path):
+    raw = grouped(tiny_config, *group_files, retain_kl_coef=2.0)
+    raw["train"]["learning_rate"] = 5e-3
+    trainer = PPOTrainer(config_from_dict(raw), tmp_path)
+    ro = trainer.collect()
+    rows = torch.arange(len(ro.prompts))
+    denominator = loss_denominator(ro.loss_mask, "token")
+    terms, _ = trainer.loss_terms(ro, rows, denominator)
+    assert terms["retain_kl"].item() == pytest.approx(0.0, abs=1e-6)  # the policy still is the reference
+    for _ in range(3):
+        trainer.iteration += 1  # as iteration_step counts: the policy trains from iteration 1
+        trainer.update(trainer.collect())
+    terms, _ = trainer.loss_terms(ro, rows, denominator)
+    i, a, t = ro.gen.trimmed(rows)
+    retain = ro.group_ids == 1
+    with torch.no_grad():
+        policy = forward_response(trainer.policy, i, a, t, 1.0, with_vocab=True).vocab_logprobs
+        ref = trainer._reference_vocab_logprobs(i, a, t)
+    # the term is each retain token's exact KL, weighted 2 and normalised over the minibatch's tokens
+    expected = 2.0 * (vocab_kl(policy, ref)[retain] * ro.loss_mask[retain, :t]).sum() / denominator
+    assert terms["retain_kl"].item() == pytest.approx(expected.item(), rel=1e-4) and expected > 0
+    # its gradient reaches the policy through the retain answers only: a zero weight gives no term at all
+    assert "retain_kl" not in PPOTrainer(config_from_dict(grouped(tiny_config, *group_files)),
+                                         tmp_path / "plain").loss_terms(ro, rows, denominator)[0]
 
 
 def test_scores_are_normalised_within_each_group():

@@ -154,7 +154,8 @@ def test_prompt_groups_table_locality_map_and_evaluation_alarms(tmp_path):
     config = {"data": {"groups": [
         {"name": "sky", "share": 0.75, "reward": [{"spec": "contains:red", "weight": 1.0}], "kl_scale": 1.0,
          "expect": "behaviour"},
-        {"name": "retain", "share": 0.25, "reward": "not:contains:red", "kl_scale": 4.0, "expect": "unchanged"},
+        {"name": "retain", "share": 0.25, "reward": "not:contains:red", "kl_scale": 4.0, "retain_kl_coef": 2.0,
+         "expect": "unchanged"},
     ]}}  # fmt: skip
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -171,7 +172,7 @@ def test_prompt_groups_table_locality_map_and_evaluation_alarms(tmp_path):
     page = write_report(run_dir)[0].read_text()
     assert "<h2>Prompt groups</h2>" in page
     assert ('<td>retain</td><td class="num">0.25</td><td>not:contains:red</td><td class="num">4</td>'
-            "<td>unchanged</td>") in page
+            '<td class="num">2</td><td>unchanged</td>') in page
     assert "<td>1·contains:red</td>" in page and "0.1 → 1.2" in page  # sky behaviour, first → last
     assert "answers_shrink: probe answers are under half the reference&#x27;s length: trained 3.8 vs 14.0" in page
     assert "behaviour_leak:" in page and "related 0.05 → 0.6" in page and "unrelated" not in page.split(

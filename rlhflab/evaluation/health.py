@@ -114,13 +114,13 @@ ADVICE: dict[str, tuple[str, str]] = {
     "behaviour_leak": (
         "the edit spreads past its target: too little in training says where the behaviour is not wanted",
         "with no retain group holding prompts like the leaking group's, add one (data.groups: expect: unchanged, "
-        "reward: not:SPEC or null, kl_scale > 1); with one, raise its share or kl_scale or lower the learning "
-        "rate (docs/scoped.md)",
+        "reward: not:SPEC or null, kl_scale > 1, retain_kl_coef > 0); with one, raise its share, kl_scale or "
+        "retain_kl_coef or lower the learning rate (docs/scoped.md)",
     ),
     "capability_loss": (
         "the update reaches past the edit into what the model knows: the policy moved far from the reference on "
         "prompts the reward never asked about",
-        "add prompts like the failing group's to a retain group (expect: unchanged, kl_scale > 1), lower the "
+        "add prompts like the failing group's to a retain group (expect: unchanged, retain_kl_coef > 0), lower the "
         "learning rate or stop earlier (docs/scoped.md)",
     ),
     "no_signal": (

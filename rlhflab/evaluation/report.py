@@ -325,17 +325,18 @@ def _group_blocks(run: Run) -> list[Block]:
     if not groups:
         return []
     table = Table(
-        ["group", "share", "reward", "KL scale", "expect", "score", "behaviour rate", "KL (nats/answer)",
-         "length (tokens)"],
+        ["group", "share", "reward", "KL scale", "retain KL", "expect", "score", "behaviour rate",
+         "KL (nats/answer)", "length (tokens)"],
         [
             [g.get("name", "?"), fmt(g.get("share")), _reward_text(g.get("reward")), fmt(g.get("kl_scale")),
-             g.get("expect", ""),
+             fmt(g.get("retain_kl_coef", 0.0)), g.get("expect", ""),
              *(_first_last(run.rows, f"group/{g.get('name')}/{m}") for m in ("score", "behaviour", "kl", "length"))]
             for g in groups
         ],
     )  # fmt: skip
     intro = ("Metrics of the training rollouts per prompt group, first → last iteration; KL scale multiplies β on "
-             "the group's answers, `unchanged` groups should keep their start behaviour rate.")
+             "the group's answers, retain KL weighs the exact KL to the reference over the vocabulary on them, "
+             "`unchanged` groups should keep their start behaviour rate.")
     return [Heading("Prompt groups"), Text(intro), table]
 
 

@@ -63,6 +63,7 @@ class Forward:
     logprobs: torch.Tensor  # (B, T) log π(response token) at the sampling temperature
     entropy: torch.Tensor | None  # (B, T) entropy of π at each response position
     values: torch.Tensor | None  # (B, T) V(state before each response token)
+    vocab_logprobs: torch.Tensor | None = None  # (B, T, V) log π over the whole vocabulary, when asked for
 
 
 def forward_response(
@@ -74,6 +75,7 @@ def forward_response(
     value_head: ValueHead | None = None,
     with_logits: bool = True,
     with_entropy: bool = False,
+    with_vocab: bool = False,
     pack: bool = True,
 ) -> Forward:
     """One forward pass over prompt+response returning response log-probs (and values, entropy).
@@ -92,19 +94,22 @@ def forward_response(
                        use_cache=False).last_hidden_state  # no KV cache: nothing follows this pass
         hidden = hidden[:, -response_len - 1 : -1]  # (B, T, H): the states that predict each response token
     values = value_head(hidden) if value_head is not None else None
-    logprobs = entropy = None
+    logprobs = entropy = vocab = None
     if with_logits:
         logits = lm_head(hidden)  # (B, T, V)
         logprobs = logprobs_from_logits(logits, input_ids[:, -response_len:], temperature)
         if with_entropy:
             entropy = entropy_from_logits(logits, temperature)
-    return Forward(logprobs, entropy, values)
+        if with_vocab:
+            vocab = F.log_softmax(_tempered(logits, temperature), dim=-1)
+    return Forward(logprobs, entropy, values, vocab)
 
 
 class ResponseForward(nn.Module):
     """A causal LM (and a value head on its states) whose `forward` is `forward_response`: the one module a
     data-parallel engine wraps (DDP, FSDP2), so its hooks see every parameter the PPO loss uses — the policy with
-    a shared value head, or a separate critic. Returns (log-probs, entropy, values), each (B, T) or None."""
+    a shared value head, or a separate critic. Returns (log-probs, entropy, values) (B, T) and the vocabulary's
+    log-probs (B, T, V), each None unless computed."""
 
     def __init__(self, model: nn.Module, head: ValueHead | None = None):
         super().__init__()
@@ -126,10 +131,10 @@ class ResponseForward(nn.Module):
         return ids, torch.ones_like(ids), 1, 1.0
 
     def forward(self, input_ids, attention_mask, response_len: int, temperature: float, with_logits: bool = True,
-                with_entropy: bool = False):
+                with_entropy: bool = False, with_vocab: bool = False):
         out = forward_response(self.model, input_ids, attention_mask, response_len, temperature, self.head,
-                               with_logits=with_logits, with_entropy=with_entropy)
-        return out.logprobs, out.entropy, out.values
+                               with_logits=with_logits, with_entropy=with_entropy, with_vocab=with_vocab)
+        return out.logprobs, out.entropy, out.values, out.vocab_logprobs
 
 
 def shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> int:

@@ -77,6 +77,15 @@ def policy_loss(
     return masked_sum(loss, w), stats
 
 
+def vocab_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Exact KL(π‖π_ref) at each position, summed over the whole vocabulary.
+
+    logprobs, ref_logprobs (B, T, V) log-softmaxed -> (B, T). Unlike the sampled estimators (ppo/kl.py) it sees
+    every token, the ones no answer sampled too: a retain group's rising "red" counts before any answer says it.
+    """
+    return (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
+
+
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,

@@ -83,6 +83,7 @@ class Rollout:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: generate, score, forwards
     group_ids: torch.Tensor | None = None  # (B,) long, index of the sample's prompt group (config.prompt_groups)
     kl_scale: torch.Tensor | None = None  # (B,) its group's multiplier of β (data.groups[].kl_scale)
+    retain_kl_coef: torch.Tensor | None = None  # (B,) its group's weight of the vocabulary KL (retain_kl_coef)
     behaviour: torch.Tensor | None = None  # (B,) the behaviour detector's score (> 0: the answer shows it)
     valid: torch.Tensor | None = None  # (B,) bool: reward and advantages finite (None: all); the others train nothing
     local_tokens: int = 0  # prompt + answer tokens this process sampled (its share of the batch)

@@ -50,7 +50,7 @@ from rlhflab.ppo.advantages import (
 from rlhflab.ppo.critic import Critic, SeparateCritic, SharedHeadCritic, critic_from_reward_model
 from rlhflab.ppo.groups import behaviour_detector, gather_components, group_rewards, per_sample, score_groups
 from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
-from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss
+from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss, vocab_kl
 from rlhflab.ppo.metrics import rollout_metrics, sample_rows
 from rlhflab.ppo.rollout import Rollout, forward_answers, gather_generation, generate
 from rlhflab.ppo.stats import finite_rows, masked_sum, masked_whiten
@@ -265,6 +265,7 @@ class PPOTrainer:
         ro = Rollout(gen, prompts, metadata, scores, raw, components, ref_logprobs, values, kl, valid=valid)
         ro.group_ids = group_ids
         ro.kl_scale = per_sample([g.kl_scale for g in self.groups], ro.group_ids)
+        ro.retain_kl_coef = per_sample([g.retain_kl_coef for g in self.groups], ro.group_ids)
         ro.behaviour = behaviour
         ro.timings = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forwards": t3 - t2}
         ro.local_tokens = int(gen.attention_mask[mine].sum())  # this process's share, for throughput
@@ -319,13 +320,16 @@ class PPOTrainer:
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One micro-batch's loss terms, each its share of the minibatch's normalised sum (`loss_weights` with
         the minibatch's `denominator`): the clipped surrogate `policy`, the `kl` to the reference with
-        `ppo.optimized_kl_estimator` (kl_in: loss), the `entropy`, the critic's `value` loss. -> (terms, stats)."""
+        `ppo.optimized_kl_estimator` (kl_in: loss), the `retain_kl` of groups with a retain_kl_coef, the
+        `entropy`, the critic's `value` loss. -> (terms, stats)."""
         c, gen = self.config, ro.gen
         i, a, t = gen.trimmed(rows)
         mask = ro.loss_mask[rows, :t]  # (b, T') 0 on samples left out for a NaN/inf reward
         w = loss_weights(mask, c.ppo.loss_normalization, denominator)  # (b, T')
+        anchored = self._anchored_rows(ro, rows)
         with self.precision.autocast():
-            out = Forward(*self.policy_forward(i, a, t, c.rollout.temperature, with_entropy=c.ppo.entropy_coef > 0))
+            out = Forward(*self.policy_forward(i, a, t, c.rollout.temperature, with_entropy=c.ppo.entropy_coef > 0,
+                                               with_vocab=anchored is not None and bool(anchored.any())))
         terms, stats = {}, {}
         terms["policy"], pg = policy_loss(out.logprobs, gen.logprobs[rows, :t], ro.advantages[rows, :t], mask,
                                           c.ppo.clip_range, c.ppo.dual_clip, w)
@@ -333,6 +337,12 @@ class PPOTrainer:
         if c.ppo.kl_in == "loss":
             kl = kl_estimators(out.logprobs, ro.ref_logprobs[rows, :t])[c.ppo.optimized_kl_estimator]  # (b, T')
             terms["kl"] = masked_sum(kl * ro.kl_scale[rows, None], w)  # β · kl_scale per answer (total_loss: β)
+        if anchored is not None:  # a term on every micro-batch, 0 without such rows: every process logs the same
+            terms["retain_kl"] = torch.zeros((), device=self.device)
+            if anchored.any():
+                ref = self._reference_vocab_logprobs(i[anchored], a[anchored], t)  # (b', T', V)
+                kl = vocab_kl(out.vocab_logprobs[anchored], ref) * ro.retain_kl_coef[rows[anchored], None]  # (b', T')
+                terms["retain_kl"] = masked_sum(kl, w[anchored])
         if out.entropy is not None:
             terms["entropy"] = masked_sum(out.entropy, w)
         with self.precision.autocast():
@@ -341,6 +351,22 @@ class PPOTrainer:
             terms["value"], stats["value/clipfrac"] = value_loss(
                 values, ro.values[rows, :t], ro.returns[rows, :t], mask, c.ppo.clip_range_value, c.ppo.value_loss, w)
         return terms, stats
+
+    def _anchored_rows(self, ro: Rollout, rows: torch.Tensor) -> torch.Tensor | None:
+        """(b,) bool: the micro-batch's rows whose group weighs the vocabulary KL (retain_kl_coef > 0); None when
+        the recipe has no such group. Every row under FSDP2: a sharded forward is a collective all processes run."""
+        if not any(g.retain_kl_coef > 0 for g in self.groups):
+            return None
+        anchored = ro.retain_kl_coef[rows] > 0
+        return torch.ones_like(anchored) if self.processes.sharded else anchored
+
+    @torch.no_grad()
+    def _reference_vocab_logprobs(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
+        """The reference's log-probs over the whole vocabulary at each answer position: (b, L) -> (b, T, V)."""
+        # through the wrapped module, never self.policy: FSDP2 gathers a module's weights in the wrapper's forward
+        forward = self.ref_forward or self.policy_forward  # with LoRA: the policy with its adapters disabled
+        with self._reference_context(), self.precision.autocast():
+            return forward(input_ids, attention_mask, response_len, self.config.rollout.temperature, with_vocab=True)[3]
 
     def total_loss(self, terms: dict[str, torch.Tensor], train_policy: bool) -> torch.Tensor:
         """What the update minimises; during critic warm-up only the value loss."""
@@ -352,6 +378,8 @@ class PPOTrainer:
             loss = loss + terms["policy"]
             if "kl" in terms:
                 loss = loss + self.kl_coef * terms["kl"]
+            if "retain_kl" in terms:
+                loss = loss + terms["retain_kl"]  # each row's retain_kl_coef already in
             if "entropy" in terms:
                 loss = loss - c.ppo.entropy_coef * terms["entropy"]
         return loss
