@@ -17,6 +17,7 @@ from rlhflab.ppo.stats import masked_whiten
 from rlhflab.ppo.losses import loss_denominator, vocab_kl
 from rlhflab.ppo.trainer import PPOTrainer
 from rlhflab.models.forward import forward_response
+from rlhflab.models.loading import load_causal_lm
 from rlhflab.rewards.specs import build_reward
 from rlhflab.runs.tracking import Tracker
 
@@ -148,13 +149,31 @@ def test_retain_kl_pulls_only_its_group_back_to_the_reference(tiny_config, group
     retain = ro.group_ids == 1
     with torch.no_grad():
         policy = forward_response(trainer.policy, i, a, t, 1.0, with_vocab=True).vocab_logprobs
-        ref = trainer._reference_vocab_logprobs(i, a, t)
+        ref = trainer.reference_vocab_logprobs(i, a, t)
     # the term is each retain token's exact KL, weighted 2 and normalised over the minibatch's tokens
     expected = 2.0 * (vocab_kl(policy, ref)[retain] * ro.loss_mask[retain, :t]).sum() / denominator
     assert terms["retain_kl"].item() == pytest.approx(expected.item(), rel=1e-4) and expected > 0
     # its gradient reaches the policy through the retain answers only: a zero weight gives no term at all
     assert "retain_kl" not in PPOTrainer(config_from_dict(grouped(tiny_config, *group_files)),
                                          tmp_path / "plain").loss_terms(ro, rows, denominator)[0]
+
+
+def test_retain_kl_reference_with_lora_is_the_base_model(tiny_config, group_files, tmp_path):
+    raw = grouped(tiny_config, *group_files, retain_kl_coef=1.0)
+    raw["model"]["lora"]["enabled"] = True
+    raw["train"]["learning_rate"] = 5e-3
+    trainer = PPOTrainer(config_from_dict(raw), tmp_path)
+    for _ in range(2):
+        trainer.iteration += 1
+        trainer.update(trainer.collect())
+    ro = trainer.collect()
+    i, a, t = ro.gen.trimmed(torch.arange(len(ro.prompts)))
+    base = load_causal_lm("tiny", torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        expected = forward_response(base, i, a, t, 1.0, with_vocab=True).vocab_logprobs
+        policy = forward_response(trainer.policy, i, a, t, 1.0, with_vocab=True).vocab_logprobs
+    assert torch.allclose(trainer.reference_vocab_logprobs(i, a, t), expected, atol=1e-5)
+    assert (policy - expected).abs().max() > 1e-3  # the adapters trained: the reference is not the policy
 
 
 def test_scores_are_normalised_within_each_group():

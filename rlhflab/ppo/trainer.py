@@ -340,7 +340,7 @@ class PPOTrainer:
         if anchored is not None:  # a term on every micro-batch, 0 without such rows: every process logs the same
             terms["retain_kl"] = torch.zeros((), device=self.device)
             if anchored.any():
-                ref = self._reference_vocab_logprobs(i[anchored], a[anchored], t)  # (b', T', V)
+                ref = self.reference_vocab_logprobs(i[anchored], a[anchored], t)  # (b', T', V)
                 kl = vocab_kl(out.vocab_logprobs[anchored], ref) * ro.retain_kl_coef[rows[anchored], None]  # (b', T')
                 terms["retain_kl"] = masked_sum(kl, w[anchored])
         if out.entropy is not None:
@@ -361,7 +361,7 @@ class PPOTrainer:
         return torch.ones_like(anchored) if self.processes.sharded else anchored
 
     @torch.no_grad()
-    def _reference_vocab_logprobs(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
+    def reference_vocab_logprobs(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
         """The reference's log-probs over the whole vocabulary at each answer position: (b, L) -> (b, T, V)."""
         # through the wrapped module, never self.policy: FSDP2 gathers a module's weights in the wrapper's forward
         forward = self.ref_forward or self.policy_forward  # with LoRA: the policy with its adapters disabled
