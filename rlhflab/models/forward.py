@@ -63,7 +63,7 @@ class Forward:
     logprobs: torch.Tensor  # (B, T) log π(response token) at the sampling temperature
     entropy: torch.Tensor | None  # (B, T) entropy of π at each response position
     values: torch.Tensor | None  # (B, T) V(state before each response token)
-    vocab_logprobs: torch.Tensor | None = None  # (B, T, V) log π over the whole vocabulary, when asked for
+    vocab_logprobs: torch.Tensor | None = None  # (B', T, V) log π over the whole vocabulary on the rows asked for
 
 
 def forward_response(
@@ -75,7 +75,7 @@ def forward_response(
     value_head: ValueHead | None = None,
     with_logits: bool = True,
     with_entropy: bool = False,
-    with_vocab: bool = False,
+    vocab_rows: torch.Tensor | None = None,
     pack: bool = True,
 ) -> Forward:
     """One forward pass over prompt+response returning response log-probs (and values, entropy).
@@ -85,6 +85,7 @@ def forward_response(
     Position ids skip left padding so padded and unpadded prompts give the same logits (detail 2).
     With `pack` (several rows), the rows run as packed sequences: no padding, and prompt tokens that every
     row starts with (a chat template's system prompt) run once: the same result for less work.
+    vocab_rows (B,) bool: the rows whose log-probs over the whole vocabulary to return too, (B', T, V).
     """
     trunk, lm_head = trunk_and_head(model)
     hidden = _packed_response_states(trunk, input_ids, attention_mask, response_len) if pack else None
@@ -100,8 +101,8 @@ def forward_response(
         logprobs = logprobs_from_logits(logits, input_ids[:, -response_len:], temperature)
         if with_entropy:
             entropy = entropy_from_logits(logits, temperature)
-        if with_vocab:
-            vocab = F.log_softmax(_tempered(logits, temperature), dim=-1)
+        if vocab_rows is not None:
+            vocab = F.log_softmax(_tempered(logits[vocab_rows], temperature), dim=-1)
     return Forward(logprobs, entropy, values, vocab)
 
 
@@ -131,9 +132,9 @@ class ResponseForward(nn.Module):
         return ids, torch.ones_like(ids), 1, 1.0
 
     def forward(self, input_ids, attention_mask, response_len: int, temperature: float, with_logits: bool = True,
-                with_entropy: bool = False, with_vocab: bool = False):
+                with_entropy: bool = False, vocab_rows: torch.Tensor | None = None):
         out = forward_response(self.model, input_ids, attention_mask, response_len, temperature, self.head,
-                               with_logits=with_logits, with_entropy=with_entropy, with_vocab=with_vocab)
+                               with_logits=with_logits, with_entropy=with_entropy, vocab_rows=vocab_rows)
         return out.logprobs, out.entropy, out.values, out.vocab_logprobs
 
 

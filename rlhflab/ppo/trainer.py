@@ -326,10 +326,11 @@ class PPOTrainer:
         i, a, t = gen.trimmed(rows)
         mask = ro.loss_mask[rows, :t]  # (b, T') 0 on samples left out for a NaN/inf reward
         w = loss_weights(mask, c.ppo.loss_normalization, denominator)  # (b, T')
-        anchored = self._anchored_rows(ro, rows)
+        anchored = self._anchored_rows(ro, rows)  # (b,) bool or None
+        vocab_rows = anchored if anchored is not None and anchored.any() else None
         with self.precision.autocast():
             out = Forward(*self.policy_forward(i, a, t, c.rollout.temperature, with_entropy=c.ppo.entropy_coef > 0,
-                                               with_vocab=anchored is not None and bool(anchored.any())))
+                                               vocab_rows=vocab_rows))
         terms, stats = {}, {}
         terms["policy"], pg = policy_loss(out.logprobs, gen.logprobs[rows, :t], ro.advantages[rows, :t], mask,
                                           c.ppo.clip_range, c.ppo.dual_clip, w)
@@ -339,9 +340,9 @@ class PPOTrainer:
             terms["kl"] = masked_sum(kl * ro.kl_scale[rows, None], w)  # β · kl_scale per answer (total_loss: β)
         if anchored is not None:  # a term on every micro-batch, 0 without such rows: every process logs the same
             terms["retain_kl"] = torch.zeros((), device=self.device)
-            if anchored.any():
+            if vocab_rows is not None:
                 ref = self.reference_vocab_logprobs(i[anchored], a[anchored], t)  # (b', T', V)
-                kl = vocab_kl(out.vocab_logprobs[anchored], ref) * ro.retain_kl_coef[rows[anchored], None]  # (b', T')
+                kl = vocab_kl(out.vocab_logprobs, ref) * ro.retain_kl_coef[rows[anchored], None]  # (b', T')
                 terms["retain_kl"] = masked_sum(kl, w[anchored])
         if out.entropy is not None:
             terms["entropy"] = masked_sum(out.entropy, w)
@@ -363,10 +364,13 @@ class PPOTrainer:
     @torch.no_grad()
     def reference_vocab_logprobs(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
         """The reference's log-probs over the whole vocabulary at each answer position: (b, L) -> (b, T, V)."""
-        # through the wrapped module, never self.policy: FSDP2 gathers a module's weights in the wrapper's forward
-        forward = self.ref_forward or self.policy_forward  # with LoRA: the policy with its adapters disabled
+        # with LoRA the policy with its adapters disabled: under FSDP2 its sharded root (which gathers the weights,
+        # a collective every process runs), under DDP the module inside the wrapper (whose forward would broadcast
+        # buffers, a collective the processes without retain rows would never join)
+        forward = self.ref_forward or self.processes.unwrap(self.policy_forward)
         with self._reference_context(), self.precision.autocast():
-            return forward(input_ids, attention_mask, response_len, self.config.rollout.temperature, with_vocab=True)[3]
+            every = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)
+            return forward(input_ids, attention_mask, response_len, self.config.rollout.temperature, vocab_rows=every)[3]
 
     def total_loss(self, terms: dict[str, torch.Tensor], train_policy: bool) -> torch.Tensor:
         """What the update minimises; during critic warm-up only the value loss."""
