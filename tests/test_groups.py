@@ -150,7 +150,7 @@ def test_retain_kl_pulls_only_its_group_back_to_the_reference(tiny_config, group
     every = torch.ones(len(i), dtype=torch.bool)
     with torch.no_grad():
         policy = forward_response(trainer.policy, i, a, t, 1.0, vocab_rows=every).vocab_logprobs
-        ref = trainer.reference_vocab_logprobs(i, a, t)
+        ref = trainer.retain_kl.reference_logprobs(i, a, t)
     # the term is each retain token's exact KL, weighted 2 and normalised over the minibatch's tokens
     expected = 2.0 * (vocab_kl(policy, ref)[retain] * ro.loss_mask[retain, :t]).sum() / denominator
     assert terms["retain_kl"].item() == pytest.approx(expected.item(), rel=1e-4) and expected > 0
@@ -174,7 +174,7 @@ def test_retain_kl_reference_with_lora_is_the_base_model(tiny_config, group_file
     with torch.no_grad():
         expected = forward_response(base, i, a, t, 1.0, vocab_rows=every).vocab_logprobs
         policy = forward_response(trainer.policy, i, a, t, 1.0, vocab_rows=every).vocab_logprobs
-    assert torch.allclose(trainer.reference_vocab_logprobs(i, a, t), expected, atol=1e-5)
+    assert torch.allclose(trainer.retain_kl.reference_logprobs(i, a, t), expected, atol=1e-5)
     assert (policy - expected).abs().max() > 1e-3  # the adapters trained: the reference is not the policy
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from rlhflab.config import INHERIT_REWARD, PromptGroup
+from rlhflab.ppo.losses import vocab_kl
+from rlhflab.ppo.stats import masked_sum
 from rlhflab.rewards.specs import Reward, build_reward
 
 
@@ -97,3 +99,41 @@ def mode_share(values: list[float], decimals: int = 6) -> float:
     if not values:
         return float("nan")
     return Counter(round(v, decimals) for v in values).most_common(1)[0][1] / len(values)
+
+
+class RetainKL:
+    """The `retain_kl` loss term: the exact KL(π‖π_ref) over the whole vocabulary on the answers of groups with a
+    `retain_kl_coef` (docs/scoped.md). The reference's log-probs come from a forward in the update, on those rows
+    only: kept from the rollout, (B, T, V) would not fit for a large vocabulary and long answers.
+
+    `reference`: the module the reference's forward runs through. With LoRA, the policy with its adapters disabled
+    (`context`): under FSDP2 its sharded root, which gathers the weights (a collective every process runs, so every
+    row counts as a retain row there); under DDP the module inside the wrapper, whose own forward would broadcast
+    buffers, a collective the processes without retain rows would never join."""
+
+    def __init__(self, active: bool, processes, reference, context, precision, temperature: float):
+        self.active, self.processes, self.reference, self.context = active, processes, reference, context
+        self.precision, self.temperature = precision, temperature
+
+    def rows(self, coef: torch.Tensor) -> torch.Tensor | None:
+        """(b,) bool: the micro-batch's rows the term covers (coef (b,) > 0; every row under FSDP2); None when no
+        group has a retain KL."""
+        if not self.active:
+            return None
+        return torch.ones_like(coef, dtype=torch.bool) if self.processes.sharded else coef > 0
+
+    @torch.no_grad()
+    def reference_logprobs(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
+        """The reference's log-probs over the whole vocabulary at each answer position: (b, L) -> (b, T, V)."""
+        every = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        with self.context(), self.precision.autocast():
+            return self.reference(input_ids, attention_mask, response_len, self.temperature, vocab_rows=every)[3]
+
+    def term(self, vocab_logprobs, input_ids, attention_mask, response_len: int, coef, weights) -> torch.Tensor:
+        """Σ w · c · KL(π‖π_ref) over the rows' answer tokens. vocab_logprobs (b, T, V) the policy's on these rows,
+        input_ids / attention_mask (b, L), coef (b,) retain_kl_coef, weights (b, T) from `loss_weights`; 0 when
+        b is 0 (vocab_logprobs None)."""
+        if vocab_logprobs is None:
+            return weights.new_zeros(())
+        ref = self.reference_logprobs(input_ids, attention_mask, response_len)  # (b, T, V)
+        return masked_sum(vocab_kl(vocab_logprobs, ref) * coef[:, None], weights)

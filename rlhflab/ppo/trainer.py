@@ -30,27 +30,15 @@ from rlhflab.distributed.processes import Processes, check_divisible, whole
 from rlhflab.errors import NonFiniteAbort, UserError
 from rlhflab.distributed.throughput import gpu_peak_flops, matmul_weights, throughput_metrics
 from rlhflab.models.forward import Forward, ResponseForward, ValueHead
-from rlhflab.models.loading import (
-    add_lookup_grad_in_place,
-    add_lora,
-    enable_gradient_checkpointing,
-    load_causal_lm,
-    load_tokenizer,
-    pick_device,
-)
+from rlhflab.models.loading import (add_lookup_grad_in_place, add_lora, enable_gradient_checkpointing, load_causal_lm,
+                                    load_tokenizer, pick_device)
 from rlhflab.models.precision import resolve_precision
-from rlhflab.ppo.advantages import (
-    gae,
-    group_normalized_advantages,
-    normalize_scores,
-    reinforce_advantages,
-    rloo_advantages,
-    shape_rewards,
-)
+from rlhflab.ppo.advantages import (gae, group_normalized_advantages, normalize_scores, reinforce_advantages,
+                                    rloo_advantages, shape_rewards)
 from rlhflab.ppo.critic import Critic, SeparateCritic, SharedHeadCritic, critic_from_reward_model
-from rlhflab.ppo.groups import behaviour_detector, gather_components, group_rewards, per_sample, score_groups
+from rlhflab.ppo.groups import RetainKL, behaviour_detector, gather_components, group_rewards, per_sample, score_groups
 from rlhflab.ppo.kl import adaptive_kl_coef, kl_estimators
-from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss, vocab_kl
+from rlhflab.ppo.losses import loss_denominator, loss_weights, policy_loss, value_loss
 from rlhflab.ppo.metrics import rollout_metrics, sample_rows
 from rlhflab.ppo.rollout import Rollout, forward_answers, gather_generation, generate
 from rlhflab.ppo.stats import finite_rows, masked_sum, masked_whiten
@@ -108,6 +96,9 @@ class PPOTrainer:
         # a full fine-tune's frozen reference: sharded too under FSDP2 (whole only while the rollout runs)
         self.ref_forward = (self.processes.wrap(ResponseForward(self.ref_model), *example, trained=False)
                             if self.ref_model is not None else None)
+        self.retain_kl = RetainKL(any(g.retain_kl_coef > 0 for g in self.groups), self.processes,
+                                  self.ref_forward or self.processes.unwrap(self.policy_forward),
+                                  self._reference_context, self.precision, c.rollout.temperature)
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         # the policy's schedule spans the steps it takes: none during critic warm-up
         policy_iterations = c.train.iterations - c.ppo.critic_warmup_iterations
@@ -326,7 +317,7 @@ class PPOTrainer:
         i, a, t = gen.trimmed(rows)
         mask = ro.loss_mask[rows, :t]  # (b, T') 0 on samples left out for a NaN/inf reward
         w = loss_weights(mask, c.ppo.loss_normalization, denominator)  # (b, T')
-        anchored = self._anchored_rows(ro, rows)  # (b,) bool or None
+        anchored = self.retain_kl.rows(ro.retain_kl_coef[rows])  # (b,) bool; None: no group has a retain KL
         vocab_rows = anchored if anchored is not None and anchored.any() else None
         with self.precision.autocast():
             out = Forward(*self.policy_forward(i, a, t, c.rollout.temperature, with_entropy=c.ppo.entropy_coef > 0,
@@ -338,12 +329,9 @@ class PPOTrainer:
         if c.ppo.kl_in == "loss":
             kl = kl_estimators(out.logprobs, ro.ref_logprobs[rows, :t])[c.ppo.optimized_kl_estimator]  # (b, T')
             terms["kl"] = masked_sum(kl * ro.kl_scale[rows, None], w)  # β · kl_scale per answer (total_loss: β)
-        if anchored is not None:  # a term on every micro-batch, 0 without such rows: every process logs the same
-            terms["retain_kl"] = torch.zeros((), device=self.device)
-            if vocab_rows is not None:
-                ref = self.reference_vocab_logprobs(i[anchored], a[anchored], t)  # (b', T', V)
-                kl = vocab_kl(out.vocab_logprobs, ref) * ro.retain_kl_coef[rows[anchored], None]  # (b', T')
-                terms["retain_kl"] = masked_sum(kl, w[anchored])
+        if anchored is not None:  # on every micro-batch, 0 without retain rows: every process logs the same terms
+            terms["retain_kl"] = self.retain_kl.term(out.vocab_logprobs, i[anchored], a[anchored], t,
+                                                     ro.retain_kl_coef[rows[anchored]], w[anchored])
         if out.entropy is not None:
             terms["entropy"] = masked_sum(out.entropy, w)
         with self.precision.autocast():
@@ -352,25 +340,6 @@ class PPOTrainer:
             terms["value"], stats["value/clipfrac"] = value_loss(
                 values, ro.values[rows, :t], ro.returns[rows, :t], mask, c.ppo.clip_range_value, c.ppo.value_loss, w)
         return terms, stats
-
-    def _anchored_rows(self, ro: Rollout, rows: torch.Tensor) -> torch.Tensor | None:
-        """(b,) bool: the micro-batch's rows whose group weighs the vocabulary KL (retain_kl_coef > 0); None when
-        the recipe has no such group. Every row under FSDP2: a sharded forward is a collective all processes run."""
-        if not any(g.retain_kl_coef > 0 for g in self.groups):
-            return None
-        anchored = ro.retain_kl_coef[rows] > 0
-        return torch.ones_like(anchored) if self.processes.sharded else anchored
-
-    @torch.no_grad()
-    def reference_vocab_logprobs(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
-        """The reference's log-probs over the whole vocabulary at each answer position: (b, L) -> (b, T, V)."""
-        # with LoRA the policy with its adapters disabled: under FSDP2 its sharded root (which gathers the weights,
-        # a collective every process runs), under DDP the module inside the wrapper (whose forward would broadcast
-        # buffers, a collective the processes without retain rows would never join)
-        forward = self.ref_forward or self.processes.unwrap(self.policy_forward)
-        with self._reference_context(), self.precision.autocast():
-            every = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)
-            return forward(input_ids, attention_mask, response_len, self.config.rollout.temperature, vocab_rows=every)[3]
 
     def total_loss(self, terms: dict[str, torch.Tensor], train_policy: bool) -> torch.Tensor:
         """What the update minimises; during critic warm-up only the value loss."""
