@@ -109,8 +109,8 @@ def forward_response(
 class ResponseForward(nn.Module):
     """A causal LM (and a value head on its states) whose `forward` is `forward_response`: the one module a
     data-parallel engine wraps (DDP, FSDP2), so its hooks see every parameter the PPO loss uses — the policy with
-    a shared value head, or a separate critic. Returns (log-probs, entropy, values) (B, T) and the vocabulary's
-    log-probs (B, T, V), each None unless computed."""
+    a shared value head, or a separate critic. Returns (log-probs, entropy, values) (B, T) and the log-probs over
+    the vocabulary of the `vocab_rows` (B', T, V), each None unless computed."""
 
     def __init__(self, model: nn.Module, head: ValueHead | None = None):
         super().__init__()
