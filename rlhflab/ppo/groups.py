@@ -132,8 +132,8 @@ class RetainKL:
     def term(self, vocab_logprobs, input_ids, attention_mask, response_len: int, coef, weights) -> torch.Tensor:
         """Σ w · c · KL(π‖π_ref) over the rows' answer tokens. vocab_logprobs (b, T, V) the policy's on these rows,
         input_ids / attention_mask (b, L), coef (b,) retain_kl_coef, weights (b, T) from `loss_weights`; 0 when
-        b is 0 (vocab_logprobs None)."""
-        if vocab_logprobs is None:
+        b is 0 (no reference forward on no rows)."""
+        if not len(input_ids):
             return weights.new_zeros(())
         ref = self.reference_logprobs(input_ids, attention_mask, response_len)  # (b, T, V)
         return masked_sum(vocab_kl(vocab_logprobs, ref) * coef[:, None], weights)

@@ -318,10 +318,9 @@ class PPOTrainer:
         mask = ro.loss_mask[rows, :t]  # (b, T') 0 on samples left out for a NaN/inf reward
         w = loss_weights(mask, c.ppo.loss_normalization, denominator)  # (b, T')
         anchored = self.retain_kl.rows(ro.retain_kl_coef[rows])  # (b,) bool; None: no group has a retain KL
-        vocab_rows = anchored if anchored is not None and anchored.any() else None
         with self.precision.autocast():
             out = Forward(*self.policy_forward(i, a, t, c.rollout.temperature, with_entropy=c.ppo.entropy_coef > 0,
-                                               vocab_rows=vocab_rows))
+                                               vocab_rows=anchored))
         terms, stats = {}, {}
         terms["policy"], pg = policy_loss(out.logprobs, gen.logprobs[rows, :t], ro.advantages[rows, :t], mask,
                                           c.ppo.clip_range, c.ppo.dual_clip, w)
