@@ -107,6 +107,8 @@ class RolloutConfig(Section):
     """Nucleus sampling mass (1.0: off)."""
     generation_batch_size: int | None = Field(None, ge=1)
     """Samples generated per `generate` call (None: the whole rollout at once)."""
+    sampling_copy: bool = True
+    """Where forwards compute in bf16, sample from a bf16 copy of the policy (LoRA merged; half its memory; not FSDP2)."""
 
 
 class RewardTerm(Section):

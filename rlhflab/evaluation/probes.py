@@ -196,6 +196,7 @@ def evaluate(
     sides: tuple[str, ...] = SIDES,
     logprobs_from_forward: bool = False,
     processes: Processes | None = None,
+    samplers: dict[str, Callable[[], nn.Module]] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Measure each probe group on each side; return (result, greedy answer rows).
 
@@ -208,7 +209,9 @@ def evaluate(
     rather than its sampling pass: set it when computing in bf16, where the two round differently and a model
     would otherwise show a KL to itself (docs/ppo.md, Precision). With `processes` (a data-parallel run), each
     process samples its share of the answers and every process returns the whole result: answer i draws from
-    its own stream, so the numbers do not depend on how many processes share the work.
+    its own stream, so the numbers do not depend on how many processes share the work. `samplers` maps a side to
+    a callable returning the model its answers are sampled from (`models.sampling_copy`) where that is not
+    the side's own module; its log-probs then come from a forward (`logprobs_from_forward` must be set).
 
     result: {"behavior": spec, "samples_per_prompt", "temperature", "max_new_tokens", "unchanged": [NAME],
              "groups": {NAME: {SIDE: {metric: value}}}, "elapsed_s"}
@@ -216,6 +219,9 @@ def evaluate(
     """
     if not sides or set(sides) - set(SIDES):
         raise ValueError(f"sides must be a non-empty subset of {SIDES}, got {sides!r}")
+    samplers = samplers or {}
+    if samplers and not logprobs_from_forward:
+        raise ValueError("samplers need logprobs_from_forward: a sampling copy's log-probs are not the side's own")
     started = time.perf_counter()
     k = samples_per_prompt or probes.samples_per_prompt
     reward = probes.behavior_reward()
@@ -234,8 +240,9 @@ def evaluate(
     groups: dict[str, dict[str, dict]] = {g: {} for g in probes.groups}
     for side in sides:
         model, context = models[side]
+        sampler = samplers[side]() if side in samplers else model
         with context():  # both sides draw the same numbers: sample i from the stream (seed, EVAL_STREAM, i)
-            gen = generate(model, tokenizer, texts[mine], probes.max_new_tokens, probes.temperature,
+            gen = generate(sampler, tokenizer, texts[mine], probes.max_new_tokens, probes.temperature,
                            batch_size=GENERATION_BATCH, uniforms=uniforms)
         # the side's own log-probs come from its sampling pass; the reference's own answers need no second model
         logprobs = gen.logprobs
@@ -259,8 +266,9 @@ def evaluate(
         mine = processes.share(len(rendered))
         for side in SIDES:
             model, context = models[side]
+            sampler = samplers[side]() if side in samplers else model
             with context():
-                gen = generate(model, tokenizer, rendered[mine], probes.max_new_tokens, do_sample=False,
+                gen = generate(sampler, tokenizer, rendered[mine], probes.max_new_tokens, do_sample=False,
                                with_logprobs=False, batch_size=GENERATION_BATCH)
             texts_out = processes.gather_objects(gen.texts)
             greedy_texts[side] = (texts_out, reward([p for _, p in items], texts_out, [{} for _ in items]))

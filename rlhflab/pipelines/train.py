@@ -66,7 +66,8 @@ def train(config: Config, out: str | Path, reward=None, resume: bool = False, qu
     elif main:  # a fresh run, or one stopped before its first checkpoint: logs start again at iteration 0
         for name in ("metrics.jsonl", "samples.jsonl"):
             truncate_jsonl(run_dir / name, 0)
-    console.print(trainer.precision.log_line + ("" if processes.world_size == 1 else f"; {processes.kind}"))
+    sampling = "; sampling from a bf16 copy" if trainer.sampling_copy else ""
+    console.print(trainer.precision.log_line + sampling + ("" if processes.world_size == 1 else f"; {processes.kind}"))
     c = config
     tracker = Tracker(run_dir, c.log.trackers, c.log.project, c.log.run_name or run_dir.name, c.model_dump(mode="json"),
                       start_iteration=trainer.iteration) if main else NullTracker()
@@ -168,7 +169,8 @@ def _evaluate_trainer(trainer, probes, **kwargs) -> tuple[dict, list[dict]]:
     with trainer.precision.autocast(), trainer.processes.gathered(trainer.policy_forward, trainer.ref_forward):
         return evaluate(trainer.policy, reference, trainer.tokenizer, probes, prompt_format=trainer.prompt_format,
                         system_prompt=c.model.system_prompt, reference_context=context, seed=c.train.seed,
-                        logprobs_from_forward=trainer.recomputes_old_logprobs, processes=trainer.processes, **kwargs)
+                        logprobs_from_forward=trainer.recomputes_old_logprobs, processes=trainer.processes,
+                        samplers=trainer.sampling_copy.samplers() if trainer.sampling_copy else None, **kwargs)
 
 
 def _probe_hook(probes, config: Config):

@@ -33,6 +33,7 @@ from rlhflab.models.forward import Forward, ResponseForward, ValueHead
 from rlhflab.models.loading import (add_lookup_grad_in_place, add_lora, enable_gradient_checkpointing, load_causal_lm,
                                     load_tokenizer, pick_device)
 from rlhflab.models.precision import resolve_precision
+from rlhflab.models.sampling_copy import SamplingCopy
 from rlhflab.ppo.advantages import (gae, group_normalized_advantages, normalize_scores, reinforce_advantages,
                                     rloo_advantages, shape_rewards)
 from rlhflab.ppo.critic import Critic, SeparateCritic, SharedHeadCritic, critic_from_reward_model
@@ -99,6 +100,9 @@ class PPOTrainer:
         self.retain_kl = RetainKL(any(g.retain_kl_coef > 0 for g in self.groups), self.processes,
                                   self.ref_forward or self.processes.unwrap(self.policy_forward),
                                   self._reference_context, self.precision, c.rollout.temperature)
+        # tokens only: what training reads is recomputed by the policy's own forwards (models/sampling_copy.py)
+        self.sampling_copy = (SamplingCopy(self.policy) if c.rollout.sampling_copy and self.recomputes_old_logprobs
+                              and self.precision.bf16_compute and not self.processes.sharded else None)
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         # the policy's schedule spans the steps it takes: none during critic warm-up
         policy_iterations = c.train.iterations - c.ppo.critic_warmup_iterations
@@ -223,10 +227,12 @@ class PPOTrainer:
             uniforms = sample_uniforms((self.seed, ROLLOUT_STREAM, self.iteration), range(len(idx))[mine],
                                        c.rollout.max_new_tokens)
             with self.precision.autocast():
-                gen = generate(self.policy, self.tokenizer, [self.prompt_texts[i] for i in idx[mine]],
-                               c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_k, c.rollout.top_p,
-                               batch_size=c.rollout.generation_batch_size, value_head=self.critic.policy_head,
-                               uniforms=uniforms)
+                copy = self.sampling_copy
+                gen = generate(copy.refresh() if copy else self.policy, self.tokenizer,
+                               [self.prompt_texts[i] for i in idx[mine]], c.rollout.max_new_tokens,
+                               c.rollout.temperature, c.rollout.top_k, c.rollout.top_p,
+                               batch_size=c.rollout.generation_batch_size, uniforms=uniforms,
+                               value_head=None if copy else self.critic.policy_head)
             t1 = time.perf_counter()
             # 2. score
             total, components = score_groups(self.rewards, groups[mine], prompts[mine], gen.texts, metadata[mine])
