@@ -3,7 +3,7 @@
 Why: token-by-token generation is bound by per-step overhead, not FLOPs. Under bf16 autocast every step casts
 each fp32 weight to bf16 again (autocast caches casts only of weights that require grad), and peft's LoRA
 wrappers add two small matmuls and Python dispatch to each of the ~200 linear layers. Sampling 48 answers of
-24 tokens from the embedded model on a 2-core Xeon (AMX) took 5.2 s through the peft model and 1.3 s from this
+24 tokens from the embedded model on a 2-core Xeon (AMX) took 4.83 s through the peft model and 2.17 s from this
 copy (bench/sampling_copy.py). vLLM-based trainers (OpenRLHF, veRL) do the same: merged weights, synced to
 the sampler each iteration.
 
