@@ -233,6 +233,11 @@ def evaluate(
     for i, (group, _) in enumerate(items):
         rows_of[group] += range(i * k, (i + 1) * k)
     models = {"policy": (policy, contextlib.nullcontext), "reference": (reference, reference_context)}
+
+    def sampler(side: str) -> nn.Module:
+        """The model the side's answers are drawn from: its sampling copy, or its own module."""
+        return samplers[side]() if side in samplers else models[side][0]
+
     processes = processes or Processes()
     mine = processes.share(len(texts))
     uniforms = sample_uniforms((seed, EVAL_STREAM), range(len(texts))[mine], probes.max_new_tokens)
@@ -240,9 +245,8 @@ def evaluate(
     groups: dict[str, dict[str, dict]] = {g: {} for g in probes.groups}
     for side in sides:
         model, context = models[side]
-        sampler = samplers[side]() if side in samplers else model
         with context():  # both sides draw the same numbers: sample i from the stream (seed, EVAL_STREAM, i)
-            gen = generate(sampler, tokenizer, texts[mine], probes.max_new_tokens, probes.temperature,
+            gen = generate(sampler(side), tokenizer, texts[mine], probes.max_new_tokens, probes.temperature,
                            batch_size=GENERATION_BATCH, uniforms=uniforms)
         # the side's own log-probs come from its sampling pass; the reference's own answers need no second model
         logprobs = gen.logprobs
@@ -265,10 +269,9 @@ def evaluate(
         greedy_texts = {}
         mine = processes.share(len(rendered))
         for side in SIDES:
-            model, context = models[side]
-            sampler = samplers[side]() if side in samplers else model
+            _, context = models[side]
             with context():
-                gen = generate(sampler, tokenizer, rendered[mine], probes.max_new_tokens, do_sample=False,
+                gen = generate(sampler(side), tokenizer, rendered[mine], probes.max_new_tokens, do_sample=False,
                                with_logprobs=False, batch_size=GENERATION_BATCH)
             texts_out = processes.gather_objects(gen.texts)
             greedy_texts[side] = (texts_out, reward([p for _, p in items], texts_out, [{} for _ in items]))
