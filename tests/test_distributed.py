@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,15 +82,23 @@ def reward_file(tmp_path) -> Path:
     return path
 
 
+@contextmanager
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """The 1-process side computes with 1 thread, as each launched process does (torchrun sets OMP_NUM_THREADS=1):
     the same kernels round the same way. With 2 threads a GEMM may sum in another order (~1e-8), and Adam's
     normalisation of a near-zero gradient turns that into ~1e-6 in a weight, which training then grows."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def _rows(run_dir: Path, name: str) -> list[dict]:
@@ -119,14 +128,11 @@ def gemm_rounds_rows_alike() -> bool:
     """Whether this CPU's 1-thread matmul gives a few rows the same bits alone as inside a larger batch. On a 2-core
     AMD EPYC (Zen 3, AVX2; 2026-12-07) 1-3 rows take another kernel and round apart, so 1 process and 2 (each with
     half the batch) differ by ~1e-7 from the first forward on, which Adam and the PPO clip grow past 1e-6."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x, w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)), torch.randn(64, 96)
+    generator = torch.Generator().manual_seed(0)  # not the global RNG: this runs at collection
+    x, w = torch.randn(16, 64, generator=generator), torch.randn(64, 96, generator=generator)
+    with single_thread():
         full = x @ w
         return all(torch.equal(full[:m], x[:m] @ w) for m in (1, 2, 3, 8))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("accelerate_config", ["ddp.yaml", "fsdp.yaml"])
