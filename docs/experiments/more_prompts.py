@@ -59,7 +59,7 @@ def main(out_dir: Path) -> None:
                 "retain_train.txt": four_grams([p for group in probes.values() for p in group] + heldout_sky)}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, new in (("sky_train.txt", sky), ("retain_train.txt", retain)):
-        kept = [line for line in new if not set(ngrams(words(line), 4)) & held_out[name]]
+        kept = [line for line in new if not four_grams([line]) & held_out[name]]
         (out_dir / name).write_text((DATA / name).read_text() + "".join(line + "\n" for line in kept))
         print(f"{out_dir / name}: {len(kept)} new lines")
 
