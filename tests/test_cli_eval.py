@@ -141,3 +141,18 @@ def test_eval_needs_a_run_or_a_model(probes, tmp_path):
     assert result.exit_code == 2 and "give a run directory or --model" in result.stderr
     result = runner.invoke(app, ["eval", "--model", "tiny", "--probes", str(probes), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--reference" in result.stderr
+
+
+def test_eval_measures_another_behavior(probes, tmp_path):
+    """--behavior replaces the probe file's behaviour: a spec that never matches gives 0 on every group and side."""
+    out = tmp_path / "ev"
+    result = runner.invoke(app, ["eval", "--model", "tiny", "--reference", "tiny", "--probes", str(probes),
+                                 "--out", str(out), "--behavior", "regex:(?!)"])
+    assert result.exit_code == 0, result.output
+    evaluation = check_eval(out)
+    assert evaluation["behavior"] == "regex:(?!)"
+    rates = [side["behavior_rate"] for sides in evaluation["groups"].values() for side in sides.values()]
+    assert rates == [0.0] * 2 * len(GROUPS)
+    bad = runner.invoke(app, ["eval", "--model", "tiny", "--reference", "tiny", "--probes", str(probes),
+                              "--out", str(tmp_path / "bad"), "--behavior", "contians:red"])
+    assert bad.exit_code == 2 and "contians" in bad.output and len(bad.output.strip().splitlines()) == 1

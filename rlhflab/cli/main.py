@@ -127,6 +127,9 @@ def eval_(
     reference: Optional[str] = typer.Option(None, "--reference", help="Reference model spec (default for a run: "
                                                                       "its base model)."),
     seed: int = typer.Option(0, help="Sampling seed (evaluations are repeatable)."),
+    behavior: Optional[str] = typer.Option(
+        None, "--behavior", help="Reward spec measured instead of the probe file's behavior, e.g. "
+                                 "'regex:(?i)\\bblue\\b' for what an edit to red displaced."),
 ):
     """Compare a policy with its reference on probe groups: behaviour rate, reward, KL, fluency, diversity."""
     from rlhflab.evaluation.probes import format_table, load_probes, run_eval
@@ -139,6 +142,8 @@ def eval_(
             raise UserError("--model needs --out EVAL_DIR (where eval.json and answers.jsonl go)")
         out = Path(run_dir) / "eval"
     checked = load_probes(probes)
+    if behavior is not None:
+        checked = checked.measuring(behavior)
     checked.behavior_reward()  # a bad behaviour spec fails before any model loads
     make_dir(out)  # and so does an --out that cannot be created
     prompts = sum(map(len, checked.groups.values()))

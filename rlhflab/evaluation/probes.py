@@ -124,6 +124,13 @@ class Probes(BaseModel):
         return [None if p not in self.expected else re.search(self.expected[p], a, re.IGNORECASE) is not None
                 for p, a in zip(prompts, answers)]
 
+    def measuring(self, behavior: str) -> "Probes":
+        """The same probes measuring another behaviour, given on the command line (`python:` paths resolve against
+        the working directory), e.g. "blue" on the prompts of an edit to red: what the edit displaced."""
+        probes = self.model_copy(update={"behavior": behavior})
+        probes._base_dir, probes._reward = Path.cwd(), None
+        return probes
+
     def behavior_reward(self):
         """The behaviour as a reward callable, built once (`python:` paths resolve against the probe file's folder)."""
         if self._reward is None:
