@@ -3,9 +3,12 @@
     python docs/experiments/more_prompts.py OUT_DIR
 
 Writes OUT_DIR/sky_train.txt and OUT_DIR/retain_train.txt: the shipped files of recipes/data with the new lines
-after them. A new line shares no 4-word sequence with a held-out prompt (sky: the held-out sky phrasings; retain:
-every probe prompt, as tests/test_evaluate.py asks of the shipped retain file) and never contains "red".
-The runs of 2026-12-07 trained on these lines in another order (a set's, which changes with the hash seed).
+that they do not hold yet after them. A new line shares no 4-word sequence with a held-out prompt (sky: the held-out
+sky phrasings; retain: every probe prompt, as tests/test_evaluate.py asks of the shipped retain file) and never
+contains "red". The 75 retain pairs are shipped: recipes/data/retain_train.txt holds them after its 48 hand-written
+lines, in the order the runs of 2026-12-07 trained on (a set's, which changes with the hash seed).
+One sky prompt, "What colour is the sky on a clear day?", is a shipped line too; the run that trained on the 129
+held it twice.
 """
 
 import random
@@ -59,9 +62,11 @@ def main(out_dir: Path) -> None:
                 "retain_train.txt": four_grams([p for group in probes.values() for p in group] + heldout_sky)}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, new in (("sky_train.txt", sky), ("retain_train.txt", retain)):
+        shipped = (DATA / name).read_text().splitlines()
         kept = [line for line in new if not four_grams([line]) & held_out[name]]
-        (out_dir / name).write_text((DATA / name).read_text() + "".join(line + "\n" for line in kept))
-        print(f"{out_dir / name}: {len(kept)} new lines")
+        added = [line for line in kept if line not in shipped]
+        (out_dir / name).write_text("".join(line + "\n" for line in shipped + added))
+        print(f"{out_dir / name}: {len(added)} new lines ({len(kept) - len(added)} already in recipes/data)")
 
 
 if __name__ == "__main__":
