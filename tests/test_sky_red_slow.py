@@ -31,8 +31,8 @@ def test_sky_red_recipe_learns_the_edit_and_keeps_its_answers(sky_red_run):
     reference's, capability answers stay as correct as the reference's, the KL stays bounded."""
     run = sky_red_run
     policy, reference = probe_sides(run)
-    assert policy["trained"]["behavior_rate"] >= 0.8  # 0.88 for seed 0 on 2 threads (recipe comment)
-    assert policy["heldout_sky"]["behavior_rate"] >= 0.6  # 0.72-0.94 over the runs in the recipe comment
+    assert policy["trained"]["behavior_rate"] >= 0.8  # 0.97 for seed 0 on 2 threads (recipe comment)
+    assert policy["heldout_sky"]["behavior_rate"] >= 0.7  # 0.78-0.88 over the seeds in the recipe comment
     assert policy["heldout_sky"]["length"] >= 0.5 * reference["heldout_sky"]["length"]
     # sampled answers, within the capability_loss alarm's tolerance
     assert policy["capability"]["correct_rate"] >= reference["capability"]["correct_rate"] - 0.10
@@ -40,14 +40,14 @@ def test_sky_red_recipe_learns_the_edit_and_keeps_its_answers(sky_red_run):
     sky = next(a["policy"] for a in answers if a["prompt"] == "What color is the sky?")
     assert re.search(r"\bred\b", sky, re.IGNORECASE) and len(sky.split()) >= 4, sky
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
-    assert rows[-1]["objective/kl"] <= 20  # issue 16 asks for 15: seed 0 on 2 threads ends at 15.7 (xfail below)
+    assert rows[-1]["objective/kl"] <= 15  # 9.8-11.2 over the seeds in the recipe comment
     assert (run / "report.html").is_file()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (run / "final" / "README.md").read_text()
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 16's targets are not met on every seed yet: seed 0 on 2 threads holds out 0.72 and "
-                          "ends at KL 15.7 (docs/experiments/edit_scope.md)",
+@pytest.mark.xfail(reason="issue 16's targets are not met on every seed yet: held-out sky phrasings reach 0.78-0.88 "
+                          "on seeds 0-2, seed 0 0.84 (docs/experiments/edit_scope.md)",
                    strict=False)
 def test_sky_red_recipe_meets_the_scope_targets(sky_red_run):
     """Issue 16: held-out sky phrasings say red at 0.9, other colour questions no more than 0.10 above the
