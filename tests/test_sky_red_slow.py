@@ -31,7 +31,7 @@ def test_sky_red_recipe_learns_the_edit_and_keeps_its_answers(sky_red_run):
     reference's, capability answers stay as correct as the reference's, the KL stays bounded."""
     run = sky_red_run
     policy, reference = probe_sides(run)
-    assert policy["trained"]["behavior_rate"] >= 0.8  # 0.97 for seed 0 on 2 threads (recipe comment)
+    assert policy["trained"]["behavior_rate"] >= 0.8  # 0.97 for seed 0 on 2 threads (README)
     assert policy["heldout_sky"]["behavior_rate"] >= 0.7  # 0.78-0.88 over the seeds in the recipe comment
     assert policy["heldout_sky"]["length"] >= 0.5 * reference["heldout_sky"]["length"]
     # sampled answers, within the capability_loss alarm's tolerance
