@@ -36,6 +36,8 @@ class LoraConfig(Section):
     """LoRA scaling numerator (scale = alpha / r)."""
     target_modules: list[str] | str = "all-linear"
     """Modules that get adapters (peft's `target_modules`)."""
+    layers: list[int] | None = Field(None, min_length=1)
+    """Decoder layers that get adapters (peft's `layers_to_transform`), negative from the top; None: every layer."""
 
 
 class ModelConfig(Section):

@@ -347,3 +347,28 @@ def test_a_reward_with_no_signal_is_reported_in_the_first_iterations(tiny_config
     notes = [n for _ in range(3) for n in monitor.update({"iteration": trainer.iteration + 1,
                                                           **trainer.iteration_step(tracker)})]
     assert [(n.code, n.iteration) for n in notes if n.code == "no_signal"] == [("no_signal", 3)]
+
+
+def test_retain_kl_reference_kept_from_the_rollout_equals_a_forward_in_the_update(tiny_config, group_files,
+                                                                                  tmp_path, monkeypatch):
+    import rlhflab.ppo.groups as groups
+
+    raw = grouped(tiny_config, *group_files, retain_kl_coef=2.0)
+    raw["train"]["learning_rate"] = 5e-3
+    trainer = PPOTrainer(config_from_dict(raw), tmp_path)
+    trainer.iteration += 1
+    trainer.update(trainer.collect())  # the policy is no longer the reference: the term is not 0
+    ro = trainer.collect()
+    retain = ro.group_ids == 1
+    assert ro.ref_vocab is not None and len(ro.ref_vocab) == int(retain.sum())
+    i, a, t = ro.gen.trimmed(torch.arange(len(ro.prompts)))
+    assert torch.allclose(ro.ref_vocab[:, :t], trainer.retain_kl.reference_logprobs(i[retain], a[retain], t),
+                          atol=1e-5)
+    rows = torch.arange(len(ro.prompts))
+    denominator = loss_denominator(ro.loss_mask, "token")
+    kept = trainer.loss_terms(ro, rows, denominator)[0]["retain_kl"]
+    ro.ref_vocab = None  # as when they do not fit: the update runs the reference's forward itself
+    assert kept.item() == pytest.approx(trainer.loss_terms(ro, rows, denominator)[0]["retain_kl"].item(), rel=1e-5)
+    assert kept > 0
+    monkeypatch.setattr(groups, "KEEP_REFERENCE_BYTES", 0)
+    assert trainer.collect().ref_vocab is None

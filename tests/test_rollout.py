@@ -172,7 +172,7 @@ def test_generation_config_json_does_not_change_what_is_sampled(tmp_path):
     for gen, model in zip(gens[1:], models[1:]):
         assert torch.equal(gen.response_ids, gens[0].response_ids)
         assert torch.equal(gen.logprobs, gens[0].logprobs)
-        assert torch.allclose(gen.logprobs, forward_answers(gen, model, 0.9)[0], atol=1e-5)
+        assert torch.allclose(gen.logprobs, forward_answers(gen, model, 0.9).logprobs, atol=1e-5)
     # near-uniform draws over 259 tokens repeat an earlier token ~2 times in 32 (~64 here, Poisson sd 8);
     # no_repeat_ngram_size 1 forbids any repeat
     gen = gens[1]

@@ -259,11 +259,11 @@ def evaluate(
         logprobs = gen.logprobs
         if logprobs_from_forward:
             with context():
-                logprobs, _ = forward_answers(gen, model, probes.temperature, FORWARD_BATCH)
+                logprobs = forward_answers(gen, model, probes.temperature, FORWARD_BATCH).logprobs
         ref_logprobs = logprobs
         if side != "reference":
             with reference_context():
-                ref_logprobs, _ = forward_answers(gen, reference, probes.temperature, FORWARD_BATCH)
+                ref_logprobs = forward_answers(gen, reference, probes.temperature, FORWARD_BATCH).logprobs
         gen = gather_generation(gen, processes, tokenizer.pad_token_id)
         logprobs, ref_logprobs = processes.gather(logprobs), processes.gather(ref_logprobs)
         rewards = reward(shown, gen.texts, [{} for _ in texts])

@@ -29,7 +29,7 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
                         f"rlhflab train --resume {run_dir}")
     tensors, _ = load_checkpoint(checkpoint)
     model = add_lora(load_causal_lm(config.model.name, torch.device("cpu"), torch.float32), lora.r, lora.alpha,
-                     lora.target_modules)
+                     lora.target_modules, layers=lora.layers)
     result = model.load_state_dict(tensors["policy"], strict=False)
     if result.unexpected_keys:  # missing keys are the frozen base weights, not saved in a LoRA checkpoint
         raise UserError(f"{checkpoint} does not match the LoRA settings in {run_dir / 'config.yaml'} "

@@ -85,8 +85,9 @@ def write_card(run_dir: str | Path, model_dir: str | Path, library_name: str = "
 def _training_facts(config, reward: str) -> list[tuple[str, str]]:
     c = config
     lora = c.model.lora
-    tuning = (f"LoRA r={lora.r}, α={fmt(lora.alpha)} on {lora.target_modules} (merged into the weights of a full "
-              "export)" if lora.enabled else "all weights")
+    where = f" of decoder layers {lora.layers}" if lora.layers else ""
+    tuning = (f"LoRA r={lora.r}, α={fmt(lora.alpha)} on {lora.target_modules}{where} (merged into the weights of a "
+              "full export)" if lora.enabled else "all weights")
     kl = f"β = {fmt(c.ppo.kl_coef)}" + (f", adaptive to {fmt(c.ppo.adaptive_kl_target)} nats" if
                                         c.ppo.adaptive_kl_target else "") + f", in the {c.ppo.kl_in}"
     return [

@@ -323,13 +323,33 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def add_lora(model: nn.Module, r: int, alpha: float, target_modules, adapter_name: str = "default"):
+def add_lora(model: nn.Module, r: int, alpha: float, target_modules, adapter_name: str = "default",
+             layers: list[int] | None = None):
+    """Wrap `model` in peft LoRA adapters; with `layers` (indices, negative from the top), on those decoder layers
+    only. Adapters on the top layers only also shorten the backward: autograd stops below the lowest of them."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, bias="none")
+    if layers is not None:
+        n = model.config.num_hidden_layers
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise UserError(f"model.lora.layers: {bad} out of range for the model's {n} decoder layers; use indices "
+                            f"0..{n - 1} (or -{n}..-1 from the top), or null for adapters on every layer")
+        layers = sorted({i % n for i in layers})
+        if target_modules == "all-linear":  # peft takes layers_to_transform with a list of module names only
+            target_modules = linear_module_names(model)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, bias="none",
+                        layers_to_transform=layers)
     with warnings.catch_warnings():  # peft calls a deprecated transformers property; nothing for users to act on
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The names of the linear layers peft's "all-linear" adapts: every nn.Linear but the output head."""
+    head = model.get_output_embeddings()
+    return sorted({name.rpartition(".")[2] for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and m is not head})
 
 
 def add_lookup_grad_in_place(embeddings: nn.Embedding) -> None:

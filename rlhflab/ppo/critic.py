@@ -123,7 +123,7 @@ class SeparateCritic(Critic):
         return matmul_weights(self.model, lm_head=False)
 
     def rollout_values(self, gen, temperature, batch_size):
-        return forward_answers(gen, self.model, temperature, batch_size, self.head, with_logits=False)[1]
+        return forward_answers(gen, self.model, temperature, batch_size, self.head, with_logits=False).values
 
     def update_values(self, policy_out, input_ids, attention_mask, response_len, temperature):
         return self.forward(input_ids, attention_mask, response_len, temperature, with_logits=False)[2]

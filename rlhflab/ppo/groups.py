@@ -101,10 +101,15 @@ def mode_share(values: list[float], decimals: int = 6) -> float:
     return Counter(round(v, decimals) for v in values).most_common(1)[0][1] / len(values)
 
 
+# The most memory the rollout's kept reference log-probs over the vocabulary may take (B' × T × V × 4 bytes).
+KEEP_REFERENCE_BYTES = 512 * 2**20
+
+
 class RetainKL:
     """The `retain_kl` loss term: the exact KL(π‖π_ref) over the whole vocabulary on the answers of groups with a
-    `retain_kl_coef` (docs/scoped.md). The reference's log-probs come from a forward in the update, on those rows
-    only: kept from the rollout, (B, T, V) would not fit for a large vocabulary and long answers.
+    `retain_kl_coef` (docs/scoped.md). The reference's log-probs over the vocabulary come from the rollout's
+    reference forward, kept for those rows while they fit in KEEP_REFERENCE_BYTES (the main job: 85 MB); past that
+    (a large vocabulary, long answers) or on several processes, from a forward in the update on those rows only.
 
     `reference`: the module the reference's forward runs through. With LoRA, the policy with its adapters disabled
     (`context`): under FSDP2 its sharded root, which gathers the weights (a collective every process runs, so every
@@ -122,6 +127,15 @@ class RetainKL:
             return None
         return torch.ones_like(coef, dtype=torch.bool) if self.processes.sharded else coef > 0
 
+    def rollout_rows(self, coef: torch.Tensor, response_len: int) -> torch.Tensor | None:
+        """(B,) bool: the rows whose reference log-probs over the vocabulary the rollout keeps (coef (B,) > 0);
+        None when the update computes them: several processes, or more than KEEP_REFERENCE_BYTES in fp32."""
+        rows = coef > 0
+        if not self.active or self.processes.world_size > 1 or not rows.any():
+            return None
+        vocab = self.reference.get_output_embeddings().weight.shape[0]
+        return rows if int(rows.sum()) * response_len * vocab * 4 <= KEEP_REFERENCE_BYTES else None
+
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, response_len: int) -> torch.Tensor:
         """The reference's log-probs over the whole vocabulary at each answer position: (b, L) -> (b, T, V)."""
@@ -129,11 +143,13 @@ class RetainKL:
         with self.context(), self.precision.autocast():
             return self.reference(input_ids, attention_mask, response_len, self.temperature, vocab_rows=every)[3]
 
-    def term(self, vocab_logprobs, input_ids, attention_mask, response_len: int, coef, weights) -> torch.Tensor:
+    def term(self, vocab_logprobs, input_ids, attention_mask, response_len: int, coef, weights,
+             reference: torch.Tensor | None = None) -> torch.Tensor:
         """Σ w · c · KL(π‖π_ref) over the rows' answer tokens. vocab_logprobs (b, T, V) the policy's on these rows,
-        input_ids / attention_mask (b, L), coef (b,) retain_kl_coef, weights (b, T) from `loss_weights`; 0 when
-        b is 0 (no reference forward on no rows)."""
+        input_ids / attention_mask (b, L), coef (b,) retain_kl_coef, weights (b, T) from `loss_weights`,
+        reference (b, T, V) the reference's log-probs kept from the rollout (None: a forward now); 0 when b is 0
+        (no reference forward on no rows)."""
         if not len(input_ids):
             return weights.new_zeros(())
-        ref = self.reference_logprobs(input_ids, attention_mask, response_len)  # (b, T, V)
+        ref = self.reference_logprobs(input_ids, attention_mask, response_len) if reference is None else reference
         return masked_sum(vocab_kl(vocab_logprobs, ref) * coef[:, None], weights)

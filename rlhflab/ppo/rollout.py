@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rlhflab.errors import UserError
-from rlhflab.models.forward import entropy_from_logits, forward_response, logprobs_from_logits, shared_prefix_len
+from rlhflab.models.forward import Forward, entropy_from_logits, forward_response, logprobs_from_logits, shared_prefix_len
 from rlhflab.models.loading import eos_token_ids
 
 
@@ -84,6 +84,8 @@ class Rollout:
     group_ids: torch.Tensor | None = None  # (B,) long, index of the sample's prompt group (config.prompt_groups)
     kl_scale: torch.Tensor | None = None  # (B,) its group's multiplier of β (data.groups[].kl_scale)
     retain_kl_coef: torch.Tensor | None = None  # (B,) its group's weight of the vocabulary KL (retain_kl_coef)
+    ref_vocab: torch.Tensor | None = None  # (B', T, V) the reference's log-probs over the vocabulary, retain rows kept
+    ref_vocab_index: torch.Tensor | None = None  # (B,) long: each row's index in ref_vocab (valid on kept rows)
     behaviour: torch.Tensor | None = None  # (B,) the behaviour detector's score (> 0: the answer shows it)
     valid: torch.Tensor | None = None  # (B,) bool: reward and advantages finite (None: all); the others train nothing
     local_tokens: int = 0  # prompt + answer tokens this process sampled (its share of the batch)
@@ -345,21 +347,32 @@ def forward_answers(
     batch_size: int | None = None,
     value_head: nn.Module | None = None,
     with_logits: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    vocab_rows: torch.Tensor | None = None,
+) -> Forward:
     """Log-probs (and values, with a value head) of a generation's answers under `model`, from forward passes
     over `batch_size` rows at a time with all-padding columns trimmed: the reference's log-probs, a separate
-    critic's values. Returns ((B, T) log-probs or None, (B, T) values or None), zero after each first EOS.
+    critic's values. -> Forward with (B, T) log-probs or None and (B, T) values or None, zero after each first
+    EOS; with `vocab_rows` (B,) bool also the log-probs over the whole vocabulary on those rows, (B', T, V) in row
+    order, zero past each batch's longest answer.
     """
     B, T = gen.response_ids.shape
     mask = gen.response_mask
     logprobs = mask.new_zeros(B, T) if with_logits else None
     values = mask.new_zeros(B, T) if value_head is not None else None
+    vocab, done = None, 0
     step = batch_size or B
     for s in (slice(i, i + step) for i in range(0, B, step)):
         i, a, t = gen.trimmed(s)
-        out = forward_response(model, i, a, t, temperature, value_head, with_logits=with_logits)
+        rows = vocab_rows[s] if vocab_rows is not None and vocab_rows[s].any() else None
+        out = forward_response(model, i, a, t, temperature, value_head, with_logits=with_logits, vocab_rows=rows)
         if logprobs is not None:
             logprobs[s, :t] = out.logprobs
         if values is not None:
             values[s, :t] = out.values
-    return (logprobs * mask if logprobs is not None else None), (values * mask if values is not None else None)
+        if rows is not None:
+            if vocab is None:
+                vocab = out.vocab_logprobs.new_zeros(int(vocab_rows.sum()), T, out.vocab_logprobs.shape[-1])
+            vocab[done : done + len(out.vocab_logprobs), :t] = out.vocab_logprobs
+            done += len(out.vocab_logprobs)
+    return Forward(logprobs * mask if logprobs is not None else None, None,
+                   values * mask if values is not None else None, vocab)

@@ -131,7 +131,8 @@ class PPOTrainer:
             enable_gradient_checkpointing(policy)
         if c.model.lora.enabled:
             # The reference is the same base with adapters disabled: no second copy of the weights.
-            policy = add_lora(policy, c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules)
+            policy = add_lora(policy, c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules,
+                              layers=c.model.lora.layers)
             return policy, None
         embeddings = policy.get_input_embeddings()
         tied = isinstance(embeddings, nn.Embedding) and embeddings.weight is policy.get_output_embeddings().weight
@@ -145,7 +146,9 @@ class PPOTrainer:
         c = self.config
         model = load_causal_lm(c.model.name, torch.device("cpu"), self.dtype)
         lora = c.model.lora
-        return add_lora(model, lora.r, lora.alpha, lora.target_modules) if lora.enabled else model
+        if not lora.enabled:
+            return model
+        return add_lora(model, lora.r, lora.alpha, lora.target_modules, layers=lora.layers)
 
     def _build_critic(self) -> Critic:
         c = self.config
@@ -161,7 +164,8 @@ class PPOTrainer:
         if c.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if c.model.lora.enabled:
-            model = add_lora(model, c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules)
+            model = add_lora(model, c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules,
+                             layers=c.model.lora.layers)
         return SeparateCritic(model, head)
 
     def optimizer_steps(self, iterations: int) -> int:
@@ -185,14 +189,17 @@ class PPOTrainer:
     # -----------------------------------------------------------------------------------------------
     # stages 1-4: experience
 
-    def _score_forwards(self, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Reference log-probs and the critic's values, in rollout-sized batches with padding trimmed."""
+    def _score_forwards(self, gen, vocab_rows: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Reference log-probs, the critic's values and the reference's log-probs over the vocabulary on
+        `vocab_rows` (B,) bool (the retain KL's, when kept from the rollout), in rollout-sized batches with padding
+        trimmed. -> (B, T), (B, T) or None, (B', T, V) or None."""
         c = self.config
         step, temperature = c.rollout.generation_batch_size, c.rollout.temperature
         with self._reference_context(), self.precision.autocast():
-            ref_logprobs, _ = forward_answers(gen, self.ref_model or self.policy, temperature, step)
+            ref = forward_answers(gen, self.ref_model or self.policy, temperature, step, vocab_rows=vocab_rows)
         with self.precision.autocast():
-            return ref_logprobs, self.critic.rollout_values(gen, temperature, step)
+            return ref.logprobs, self.critic.rollout_values(gen, temperature, step), ref.vocab_logprobs
 
     @property
     def recomputes_old_logprobs(self) -> bool:
@@ -206,10 +213,10 @@ class PPOTrainer:
         c = self.config
         shared_head = self.critic.policy_head
         with self.precision.autocast():
-            gen.logprobs, values = forward_answers(gen, self.policy, c.rollout.temperature,
-                                                   c.rollout.generation_batch_size, shared_head)
+            out = forward_answers(gen, self.policy, c.rollout.temperature, c.rollout.generation_batch_size, shared_head)
+        gen.logprobs = out.logprobs
         if shared_head is not None:
-            gen.values = values
+            gen.values = out.values
 
     def collect(self) -> Rollout:
         """Stages 1-4: rollout, score, KL-shaped rewards, advantages. This process samples, scores and runs the
@@ -218,6 +225,7 @@ class PPOTrainer:
         idx = [i for i in self.sampler.draw() for _ in range(c.rollout.samples_per_prompt)]
         groups = [self.group_of[i] for i in idx]
         group_ids = torch.tensor(groups, device=self.device)
+        retain_kl_coef = per_sample([g.retain_kl_coef for g in self.groups], group_ids)
         prompts = [self.prompts[i].display for i in idx]
         metadata = [dict(self.prompts[i].metadata) for i in idx]
         mine = processes.share(len(idx))  # whole prompts: prompts_per_iteration is a multiple of the processes
@@ -241,7 +249,8 @@ class PPOTrainer:
             # 3. reference log-probs, values (old log-probs too, when recomputed)
             if self.recomputes_old_logprobs:
                 self._recompute_old_logprobs(gen)
-            ref_logprobs, values = self._score_forwards(gen)
+            keep = self.retain_kl.rollout_rows(retain_kl_coef[mine], gen.response_ids.shape[1])
+            ref_logprobs, values, ref_vocab = self._score_forwards(gen, keep)
         t3 = time.perf_counter()
         # the whole batch on every process
         gen = gather_generation(gen, processes, self.tokenizer.pad_token_id)
@@ -262,7 +271,9 @@ class PPOTrainer:
         ro = Rollout(gen, prompts, metadata, scores, raw, components, ref_logprobs, values, kl, valid=valid)
         ro.group_ids = group_ids
         ro.kl_scale = per_sample([g.kl_scale for g in self.groups], ro.group_ids)
-        ro.retain_kl_coef = per_sample([g.retain_kl_coef for g in self.groups], ro.group_ids)
+        ro.retain_kl_coef = retain_kl_coef
+        ro.ref_vocab = ref_vocab
+        ro.ref_vocab_index = None if keep is None else keep.long().cumsum(0) - 1  # (B,) its row in ref_vocab
         ro.behaviour = behaviour
         ro.timings = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forwards": t3 - t2}
         ro.local_tokens = int(gen.attention_mask[mine].sum())  # this process's share, for throughput
@@ -335,8 +346,9 @@ class PPOTrainer:
             kl = kl_estimators(out.logprobs, ro.ref_logprobs[rows, :t])[c.ppo.optimized_kl_estimator]  # (b, T')
             terms["kl"] = masked_sum(kl * ro.kl_scale[rows, None], w)  # β · kl_scale per answer (total_loss: β)
         if anchored is not None:  # on every micro-batch, 0 without retain rows: every process logs the same terms
+            kept = None if ro.ref_vocab is None else ro.ref_vocab[ro.ref_vocab_index[rows[anchored]], :t]
             terms["retain_kl"] = self.retain_kl.term(out.vocab_logprobs, i[anchored], a[anchored], t,
-                                                     ro.retain_kl_coef[rows[anchored]], w[anchored])
+                                                     ro.retain_kl_coef[rows[anchored]], w[anchored], kept)
         if out.entropy is not None:
             terms["entropy"] = masked_sum(out.entropy, w)
         with self.precision.autocast():
