@@ -185,3 +185,5 @@ def test_lora_on_the_top_layers_only_trains_those_and_stops_the_backward_there()
     assert seen == [False]
     with pytest.raises(UserError, match=r"model\.lora\.layers: \[2, -3\] out of range for the model's 2 decoder"):
         add_lora(load_causal_lm("tiny", torch.device("cpu"), torch.float32), 4, 8, "all-linear", layers=[0, 2, -3])
+    with pytest.raises(UserError, match=r"needs model\.lora\.target_modules as a list"):
+        add_lora(load_causal_lm("tiny", torch.device("cpu"), torch.float32), 4, 8, ".*proj", layers=[0])

@@ -338,6 +338,9 @@ def add_lora(model: nn.Module, r: int, alpha: float, target_modules, adapter_nam
         layers = sorted({i % n for i in layers})
         if target_modules == "all-linear":  # peft takes layers_to_transform with a list of module names only
             target_modules = linear_module_names(model)
+        elif isinstance(target_modules, str):
+            raise UserError(f"model.lora.layers needs model.lora.target_modules as a list of module names or "
+                            f"'all-linear', not the pattern {target_modules!r}; list the modules instead")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, bias="none",
                         layers_to_transform=layers)
     with warnings.catch_warnings():  # peft calls a deprecated transformers property; nothing for users to act on

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from rlhflab.errors import UserError
-from rlhflab.models.forward import Forward, entropy_from_logits, forward_response, logprobs_from_logits, shared_prefix_len
+from rlhflab.models.forward import (Forward, entropy_from_logits, forward_response, logprobs_from_logits,
+                                   shared_prefix_len)
 from rlhflab.models.loading import eos_token_ids
 
 
