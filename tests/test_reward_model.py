@@ -229,7 +229,7 @@ def test_critic_starts_as_the_reward_model(toy_rm, tmp_path):
     mask = r.attention_mask.float()
     gen = Generation(q.input_ids, q.attention_mask, r.input_ids, mask, torch.ones(2, dtype=torch.bool),
                      None, None, None, answers)
-    _, values = trainer._score_forwards(gen)
+    values = trainer._score_forwards(gen)[1]
     last = mask.sum(1).long() - 1
     # V at the EOS position predicts from the text before the EOS; the RM reads the EOS itself
     v_before_eos = values[torch.arange(2), last]

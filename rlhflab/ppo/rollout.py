@@ -86,10 +86,17 @@ class Rollout:
     kl_scale: torch.Tensor | None = None  # (B,) its group's multiplier of β (data.groups[].kl_scale)
     retain_kl_coef: torch.Tensor | None = None  # (B,) its group's weight of the vocabulary KL (retain_kl_coef)
     ref_vocab: torch.Tensor | None = None  # (B', T, V) the reference's log-probs over the vocabulary, retain rows kept
-    ref_vocab_index: torch.Tensor | None = None  # (B,) long: each row's index in ref_vocab (valid on kept rows)
+    ref_vocab_rows: torch.Tensor | None = None  # (B,) bool: the rows ref_vocab holds, in order
     behaviour: torch.Tensor | None = None  # (B,) the behaviour detector's score (> 0: the answer shows it)
     valid: torch.Tensor | None = None  # (B,) bool: reward and advantages finite (None: all); the others train nothing
     local_tokens: int = 0  # prompt + answer tokens this process sampled (its share of the batch)
+
+    def kept_reference(self, rows: torch.Tensor, t: int) -> torch.Tensor | None:
+        """The reference's log-probs over the vocabulary kept for these rows (b,), their first t answer positions
+        (b, t, V); None when the rollout kept none (the update then runs the reference's forward)."""
+        if self.ref_vocab is None:
+            return None
+        return self.ref_vocab[(self.ref_vocab_rows.long().cumsum(0) - 1)[rows], :t]
 
     @property
     def loss_mask(self) -> torch.Tensor:

@@ -131,9 +131,7 @@ class PPOTrainer:
             enable_gradient_checkpointing(policy)
         if c.model.lora.enabled:
             # The reference is the same base with adapters disabled: no second copy of the weights.
-            policy = add_lora(policy, c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules,
-                              layers=c.model.lora.layers)
-            return policy, None
+            return self._with_lora(policy), None
         embeddings = policy.get_input_embeddings()
         tied = isinstance(embeddings, nn.Embedding) and embeddings.weight is policy.get_output_embeddings().weight
         if tied and self.processes.world_size == 1:  # DDP and FSDP2 all-reduce what autograd accumulates, not this
@@ -141,14 +139,13 @@ class PPOTrainer:
         ref = load_causal_lm(c.model.name, self.device, self.dtype).eval().requires_grad_(False)
         return policy, ref
 
+    def _with_lora(self, model: nn.Module) -> nn.Module:
+        lora = self.config.model.lora
+        return add_lora(model, lora.r, lora.alpha, lora.target_modules, layers=lora.layers) if lora.enabled else model
+
     def _fresh_policy(self) -> nn.Module:
         """A new policy on the CPU, as built before training (LoRA included), for whole weights to load into."""
-        c = self.config
-        model = load_causal_lm(c.model.name, torch.device("cpu"), self.dtype)
-        lora = c.model.lora
-        if not lora.enabled:
-            return model
-        return add_lora(model, lora.r, lora.alpha, lora.target_modules, layers=lora.layers)
+        return self._with_lora(load_causal_lm(self.config.model.name, torch.device("cpu"), self.dtype))
 
     def _build_critic(self) -> Critic:
         c = self.config
@@ -163,10 +160,7 @@ class PPOTrainer:
             model = load_causal_lm(c.model.name, self.device, self.dtype)
         if c.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        if c.model.lora.enabled:
-            model = add_lora(model, c.model.lora.r, c.model.lora.alpha, c.model.lora.target_modules,
-                             layers=c.model.lora.layers)
-        return SeparateCritic(model, head)
+        return SeparateCritic(self._with_lora(model), head)
 
     def optimizer_steps(self, iterations: int) -> int:
         c = self.config
@@ -189,11 +183,9 @@ class PPOTrainer:
     # -----------------------------------------------------------------------------------------------
     # stages 1-4: experience
 
-    def _score_forwards(self, gen, vocab_rows: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Reference log-probs, the critic's values and the reference's log-probs over the vocabulary on
-        `vocab_rows` (B,) bool (the retain KL's, when kept from the rollout), in rollout-sized batches with padding
-        trimmed. -> (B, T), (B, T) or None, (B', T, V) or None."""
+    def _score_forwards(self, gen, vocab_rows: torch.Tensor | None = None):
+        """Reference log-probs (B, T), the critic's values (B, T) or None and the reference's log-probs over the
+        vocabulary on `vocab_rows` (B,) bool (B', T, V) or None, in rollout-sized batches with padding trimmed."""
         c = self.config
         step, temperature = c.rollout.generation_batch_size, c.rollout.temperature
         with self._reference_context(), self.precision.autocast():
@@ -214,9 +206,7 @@ class PPOTrainer:
         shared_head = self.critic.policy_head
         with self.precision.autocast():
             out = forward_answers(gen, self.policy, c.rollout.temperature, c.rollout.generation_batch_size, shared_head)
-        gen.logprobs = out.logprobs
-        if shared_head is not None:
-            gen.values = out.values
+        gen.logprobs, gen.values = out.logprobs, out.values if shared_head is not None else gen.values
 
     def collect(self) -> Rollout:
         """Stages 1-4: rollout, score, KL-shaped rewards, advantages. This process samples, scores and runs the
@@ -271,9 +261,7 @@ class PPOTrainer:
         ro = Rollout(gen, prompts, metadata, scores, raw, components, ref_logprobs, values, kl, valid=valid)
         ro.group_ids = group_ids
         ro.kl_scale = per_sample([g.kl_scale for g in self.groups], ro.group_ids)
-        ro.retain_kl_coef = retain_kl_coef
-        ro.ref_vocab = ref_vocab
-        ro.ref_vocab_index = None if keep is None else keep.long().cumsum(0) - 1  # (B,) its row in ref_vocab
+        ro.retain_kl_coef, ro.ref_vocab, ro.ref_vocab_rows = retain_kl_coef, ref_vocab, keep
         ro.behaviour = behaviour
         ro.timings = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forwards": t3 - t2}
         ro.local_tokens = int(gen.attention_mask[mine].sum())  # this process's share, for throughput
@@ -346,9 +334,9 @@ class PPOTrainer:
             kl = kl_estimators(out.logprobs, ro.ref_logprobs[rows, :t])[c.ppo.optimized_kl_estimator]  # (b, T')
             terms["kl"] = masked_sum(kl * ro.kl_scale[rows, None], w)  # β · kl_scale per answer (total_loss: β)
         if anchored is not None:  # on every micro-batch, 0 without retain rows: every process logs the same terms
-            kept = None if ro.ref_vocab is None else ro.ref_vocab[ro.ref_vocab_index[rows[anchored]], :t]
             terms["retain_kl"] = self.retain_kl.term(out.vocab_logprobs, i[anchored], a[anchored], t,
-                                                     ro.retain_kl_coef[rows[anchored]], w[anchored], kept)
+                                                     ro.retain_kl_coef[rows[anchored]], w[anchored],
+                                                     ro.kept_reference(rows[anchored], t))
         if out.entropy is not None:
             terms["entropy"] = masked_sum(out.entropy, w)
         with self.precision.autocast():
