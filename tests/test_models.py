@@ -178,7 +178,7 @@ def test_lora_on_the_top_layers_only_trains_those_and_stops_the_backward_there()
     model = add_lora(load_causal_lm("tiny", torch.device("cpu"), torch.float32), 4, 8, "all-linear", layers=[-1])
     trained = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {str(model.config.num_hidden_layers - 1)}
-    seen = []  # the lowest layer's input asks for no gradient: autograd never runs its backward
+    seen = []  # the lowest layer's output asks for no gradient: autograd never runs its backward
     model.get_base_model().model.layers[0].register_forward_hook(lambda m, args, out: seen.append(
         (out[0] if isinstance(out, tuple) else out).requires_grad))
     model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
