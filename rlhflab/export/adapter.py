@@ -10,7 +10,7 @@ import torch
 from rlhflab.errors import UserError
 from rlhflab.export.card import hub_base_model, write_card
 from rlhflab.files import atomic_dir
-from rlhflab.models.loading import add_lora, load_causal_lm
+from rlhflab.models.loading import load_causal_lm, with_lora
 from rlhflab.runs.checkpoint import latest_checkpoint, load_checkpoint
 from rlhflab.runs.layout import load_run_config
 
@@ -28,8 +28,7 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
         raise UserError(f"{run_dir} has no checkpoint yet (checkpoints/latest is missing); train it first: "
                         f"rlhflab train --resume {run_dir}")
     tensors, _ = load_checkpoint(checkpoint)
-    model = add_lora(load_causal_lm(config.model.name, torch.device("cpu"), torch.float32), lora.r, lora.alpha,
-                     lora.target_modules, layers=lora.layers)
+    model = with_lora(load_causal_lm(config.model.name, torch.device("cpu"), torch.float32), lora)
     result = model.load_state_dict(tensors["policy"], strict=False)
     if result.unexpected_keys:  # missing keys are the frozen base weights, not saved in a LoRA checkpoint
         raise UserError(f"{checkpoint} does not match the LoRA settings in {run_dir / 'config.yaml'} "

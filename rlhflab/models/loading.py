@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from rlhflab.config import LoraConfig
 from rlhflab.errors import UserError
 from rlhflab.files import atomic_dir
 from rlhflab.models.precision import Precision, resolve_precision
@@ -346,6 +347,11 @@ def add_lora(model: nn.Module, r: int, alpha: float, target_modules, adapter_nam
     with warnings.catch_warnings():  # peft calls a deprecated transformers property; nothing for users to act on
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def with_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    """`model` with the adapters a run's `model.lora` asks for; `model` itself when LoRA is off."""
+    return add_lora(model, lora.r, lora.alpha, lora.target_modules, layers=lora.layers) if lora.enabled else model
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -30,8 +30,8 @@ from rlhflab.distributed.processes import Processes, check_divisible, whole
 from rlhflab.errors import NonFiniteAbort, UserError
 from rlhflab.distributed.throughput import gpu_peak_flops, matmul_weights, throughput_metrics
 from rlhflab.models.forward import Forward, ResponseForward, ValueHead
-from rlhflab.models.loading import (add_lookup_grad_in_place, add_lora, enable_gradient_checkpointing, load_causal_lm,
-                                    load_tokenizer, pick_device)
+from rlhflab.models.loading import (add_lookup_grad_in_place, enable_gradient_checkpointing, load_causal_lm,
+                                    load_tokenizer, pick_device, with_lora)
 from rlhflab.models.precision import resolve_precision
 from rlhflab.models.sampling_copy import SamplingCopy
 from rlhflab.ppo.advantages import (gae, group_normalized_advantages, normalize_scores, reinforce_advantages,
@@ -131,7 +131,7 @@ class PPOTrainer:
             enable_gradient_checkpointing(policy)
         if c.model.lora.enabled:
             # The reference is the same base with adapters disabled: no second copy of the weights.
-            return self._with_lora(policy), None
+            return with_lora(policy, c.model.lora), None
         embeddings = policy.get_input_embeddings()
         tied = isinstance(embeddings, nn.Embedding) and embeddings.weight is policy.get_output_embeddings().weight
         if tied and self.processes.world_size == 1:  # DDP and FSDP2 all-reduce what autograd accumulates, not this
@@ -139,13 +139,10 @@ class PPOTrainer:
         ref = load_causal_lm(c.model.name, self.device, self.dtype).eval().requires_grad_(False)
         return policy, ref
 
-    def _with_lora(self, model: nn.Module) -> nn.Module:
-        lora = self.config.model.lora
-        return add_lora(model, lora.r, lora.alpha, lora.target_modules, layers=lora.layers) if lora.enabled else model
-
     def _fresh_policy(self) -> nn.Module:
         """A new policy on the CPU, as built before training (LoRA included), for whole weights to load into."""
-        return self._with_lora(load_causal_lm(self.config.model.name, torch.device("cpu"), self.dtype))
+        c = self.config
+        return with_lora(load_causal_lm(c.model.name, torch.device("cpu"), self.dtype), c.model.lora)
 
     def _build_critic(self) -> Critic:
         c = self.config
@@ -160,7 +157,7 @@ class PPOTrainer:
             model = load_causal_lm(c.model.name, self.device, self.dtype)
         if c.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        return SeparateCritic(self._with_lora(model), head)
+        return SeparateCritic(with_lora(model, c.model.lora), head)
 
     def optimizer_steps(self, iterations: int) -> int:
         c = self.config
