@@ -155,7 +155,8 @@ def test_shipped_probe_file_loads():
     probes = load_probes(RECIPES / "data" / "sky_probes.yaml")
     assert list(probes.groups) == ["trained", "heldout_sky", "related", "unrelated", "capability"]
     assert all(len(prompts) == 8 for prompts in probes.groups.values())
-    assert probes.behavior_reward()(["q"], ["The sky is red."], [{}]) == [1.0]
+    said = ["The sky is red.", "Red, like a rose.", "RED!", "The Red Sun is a celestial event.", "The Red Sea."]
+    assert probes.behavior_reward()(["q"] * 5, said, [{}] * 5) == [1.0, 1.0, 1.0, 0.0, 0.0]  # a name is not a colour
     train = set((RECIPES / "data" / "sky_train.txt").read_text().splitlines())
     heldout = set((RECIPES / "data" / "sky_heldout.txt").read_text().splitlines())
     assert set(probes.groups["trained"]) <= train
