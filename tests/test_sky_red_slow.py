@@ -1,10 +1,11 @@
 """The main job end to end on the embedded model (minutes on a CPU): `pytest -m slow`."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
+
+from rlhflab.evaluation.probes import load_probes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +39,8 @@ def test_sky_red_recipe_learns_the_edit_and_keeps_its_answers(sky_red_run):
     assert policy["capability"]["correct_rate"] >= reference["capability"]["correct_rate"] - 0.10
     answers = [json.loads(line) for line in (run / "eval" / "answers.jsonl").open()]
     sky = next(a["policy"] for a in answers if a["prompt"] == "What color is the sky?")
-    assert re.search(r"\bred\b", sky, re.IGNORECASE) and len(sky.split()) >= 4, sky
+    says_red = load_probes(ROOT / "recipes/data/sky_probes.yaml").behavior_reward()  # a name ("The Red Sun") is not red
+    assert says_red([""], [sky], [{}]) == [1.0] and len(sky.split()) >= 4, sky
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     assert rows[-1]["objective/kl"] <= 15  # 9.8-11.2 over the seeds in the recipe comment
     assert (run / "report.html").is_file()
