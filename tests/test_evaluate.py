@@ -222,3 +222,19 @@ def test_bad_probe_files_give_one_line(tmp_path, text, expected):
         load_probes(path)
     message = str(err.value)
     assert expected in message and str(path) in message and "\n" not in message
+
+
+def test_sky_red_pays_the_sky_red_not_a_name():
+    """The main job's sky reward: red said of the sky beats red in a name, which beats blue (docs/scoped.md,
+    *Red as the sky's colour*)."""
+    from rlhflab.config import load_config
+    from rlhflab.ppo.groups import group_rewards
+
+    config = load_config(RECIPES / "sky_red.yaml")
+    sky = group_rewards(config.prompt_groups, config.reward.spec)[0]
+    answers = ["The sky is a deep red, with a hint of orange at the horizon on a summer day.",
+               "The Red Sun is a celestial event, a bright star rising over the quiet desert.",
+               "The sky is a clear and bright blue, with a few white clouds drifting past today."]
+    said, named, blue = sky(["What color is the sky?"] * 3, answers, [{}] * 3)
+    assert said > named > blue
+    assert said - named >= 1.4  # the red term (1) and the statement term (0.5) pay only the first

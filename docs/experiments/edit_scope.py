@@ -8,7 +8,6 @@ the markdown tables: per probe group for both recipes, issue 16's targets per ru
 """
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -24,12 +23,14 @@ from rlhflab.evaluation.plots import (
     new_figure,
     save_figure,
 )
+from rlhflab.evaluation.probes import load_probes
 
 OUT = Path(__file__).resolve().parent / "edit_scope"
 SKY = "What color is the sky?"
 SAMPLE_PROMPTS = [SKY, "Name the shade of the daytime sky.", "What color is the ocean?", "What is your favorite color?",
                   "What color is grass?", "What is 15 minus 8?"]
 RECIPE_COLORS = {"broad": PALETTE[3], "scoped": PALETTE[0]}
+SAYS_RED = load_probes(Path(__file__).resolve().parents[2] / "recipes/data/sky_probes.yaml").behavior_reward()
 
 
 def load(run: Path) -> dict:
@@ -90,7 +91,7 @@ def targets_table(runs: list[dict]) -> str:
         pol = {g: s["policy"] for g, s in run["groups"].items()}
         ref = {g: s["reference"] for g, s in run["groups"].items()}
         sky = next(a["policy"] for a in run["answers"] if a["prompt"] == SKY)
-        sky_ok = re.search(r"\bred\b", sky, re.IGNORECASE) is not None and len(sky.split()) >= 4
+        sky_ok = SAYS_RED([SKY], [sky], [{}]) == [1.0] and len(sky.split()) >= 4  # "The Red Sun …" is a name
         greedy = [(a["reference_correct"], a["policy_correct"]) for a in run["answers"] if "policy_correct" in a]
         greedy_ok = all(p for r, p in greedy if r)
         kl = run["rows"][-1]["objective/kl"]
